@@ -1,0 +1,310 @@
+"""Data in and batches out: JSONL readers with validation, record types, padding and masks.
+
+Formats (one JSON object per line; blank lines are skipped; other keys, such as an "id", are ignored):
+
+    sft       {"prompt": str, "response": str}                        -> SFTRecord
+    pairwise  {"prompt": str, "chosen": str, "rejected": str}         -> PairRecord
+    kway      {"prompt": str, "responses": [str, ...], "ranks": [int, ...]}  -> RankRecord
+              ranks[i] is response i's place, 0 = best; equal ranks are ties
+    prompts   {"prompt": str}                                         -> PromptRecord
+    hh        {"chosen": dialogue, "rejected": dialogue}              -> PairRecord
+              Anthropic HH-RLHF, e.g. "\\n\\nHuman: Hi\\n\\nAssistant: Hello"
+
+`read_jsonl(path, kind="auto")` detects the format from the first record's keys. Any bad record
+stops the run with a `DataError` that points at it ("data.jsonl:17: field 'response': missing (found
+'respnse': a misspelling?)"): a silently skipped or mangled record costs more (a wrong result hours
+later) than a clear stop. An HH pair whose two final responses are identical fails too, by
+the same rule as pairwise data: filter such pairs out of a raw download first.
+
+HH-RLHF dialogues are split at their last "\\n\\nAssistant:" turn: the response is what follows it
+(minus the one space the template adds back), and the prompt is the dialogue before it with the
+leading "\\n\\nHuman: " removed. Earlier turns stay inside the prompt text, so that
+
+    format_prompt(prompt) + " " + response == the original dialogue
+
+(tokenizer.format_prompt is "\\n\\nHuman: {prompt}\\n\\nAssistant:") and a multi-turn conversation goes
+through the same single-turn template as everything else.
+
+Collation turns already-encoded id lists (plain Python lists) into int64 tensors: left-padded prompts
+for generation, prompt + response in the layout generation produces, and right-padded SFT batches.
+"""
+
+import dataclasses
+import difflib
+import json
+import os
+
+import torch
+
+# ----------------------------------------------------------------------------------------------------
+# Records
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTRecord:
+    prompt: str
+    response: str
+
+
+@dataclasses.dataclass(frozen=True)
+class PairRecord:
+    prompt: str
+    chosen: str
+    rejected: str
+
+
+@dataclasses.dataclass(frozen=True)
+class RankRecord:
+    prompt: str
+    responses: list[str]
+    ranks: list[int]  # ranks[i] = place of responses[i], 0 = best; equal ranks are ties
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptRecord:
+    prompt: str
+
+
+class DataError(ValueError):
+    """A bad input record: the message starts with "path:line:" so an editor can jump to it."""
+
+
+# The fields each format requires, in the order they are checked.
+FIELDS = {
+    "sft": ("prompt", "response"),
+    "pairwise": ("prompt", "chosen", "rejected"),
+    "kway": ("prompt", "responses", "ranks"),
+    "prompts": ("prompt",),
+    "hh": ("chosen", "rejected"),
+}
+KINDS = (*FIELDS, "auto")
+KNOWN_FIELDS = sorted({f for fields in FIELDS.values() for f in fields})
+
+HUMAN = "\n\nHuman: "  # the chat template's opening, as in tokenizer.PROMPT_TEMPLATE
+ASSISTANT = "\n\nAssistant:"
+
+# ----------------------------------------------------------------------------------------------------
+# Reading and validation
+
+
+def _close(name: str, keys) -> str | None:
+    match = difflib.get_close_matches(name, list(keys), n=1, cutoff=0.7)
+    return match[0] if match else None
+
+
+def detect_kind(keys) -> str | None:
+    """The format whose required fields best explain `keys` (misspellings included), or None.
+
+    A misspelled key is mapped to the field it nearly names first, so {"prompt", "respnse"} is read as
+    "sft" (and then fails with a "did you mean" message) rather than silently as "prompts".
+    """
+    present = {k if k in KNOWN_FIELDS else (_close(k, KNOWN_FIELDS) or k) for k in keys}
+    # Most specific first: a pairwise record also holds an hh record's keys, and everything holds "prompt".
+    for kind in ("kway", "pairwise", "sft", "hh", "prompts"):
+        if set(FIELDS[kind]) <= present:
+            return kind
+    return None
+
+
+def _check_text(obj: dict, field: str, fail) -> str:
+    value = obj[field]
+    if not isinstance(value, str):
+        fail(field, f"expected a string, got {type(value).__name__}")
+    if not value.strip():
+        fail(field, "empty")
+    return value
+
+
+def _split_hh(dialogue: str, field: str, fail) -> tuple[str, str]:
+    """HH dialogue -> (prompt, response), splitting at the last assistant turn (see module docstring)."""
+    cut = dialogue.rfind(ASSISTANT)
+    if cut < 0:
+        fail(field, f"no {ASSISTANT!r} turn in the dialogue")
+    if not dialogue.startswith(HUMAN):
+        fail(field, f"dialogue does not start with {HUMAN!r}")
+    prompt = dialogue[len(HUMAN):cut]
+    response = dialogue[cut + len(ASSISTANT):]
+    response = response[1:] if response.startswith(" ") else response  # the template adds this space back
+    if not prompt.strip():
+        fail(field, "empty prompt before the last assistant turn")
+    if not response.strip():
+        fail(field, "empty response after the last assistant turn")
+    return prompt, response
+
+
+def parse_record(obj: dict, kind: str, fail):
+    """One JSON object -> a record of `kind`; `fail(field, problem)` raises with the location."""
+    for field in FIELDS[kind]:
+        if field not in obj:
+            guess = _close(field, [k for k in obj if k not in FIELDS[kind]])
+            fail(field, "missing" + (f" (found '{guess}': a misspelling?)" if guess else ""))
+    if kind == "sft":
+        return SFTRecord(_check_text(obj, "prompt", fail), _check_text(obj, "response", fail))
+    if kind == "prompts":
+        return PromptRecord(_check_text(obj, "prompt", fail))
+    if kind == "pairwise":
+        prompt, chosen, rejected = (_check_text(obj, f, fail) for f in FIELDS[kind])
+        if chosen == rejected:
+            fail("rejected", "identical to 'chosen': the pair carries no preference")
+        return PairRecord(prompt, chosen, rejected)
+    if kind == "hh":
+        prompt, chosen = _split_hh(_check_text(obj, "chosen", fail), "chosen", fail)
+        prompt_r, rejected = _split_hh(_check_text(obj, "rejected", fail), "rejected", fail)
+        if prompt_r != prompt:
+            fail("rejected", "dialogue before the last assistant turn differs from 'chosen'")
+        if chosen == rejected:
+            fail("rejected", "final response identical to 'chosen': the pair carries no preference")
+        return PairRecord(prompt, chosen, rejected)
+    # kway
+    prompt = _check_text(obj, "prompt", fail)
+    responses, ranks = obj["responses"], obj["ranks"]
+    if not isinstance(responses, list) or len(responses) < 2:
+        fail("responses", "expected a list of at least 2 strings")
+    for i, r in enumerate(responses):
+        if not isinstance(r, str) or not r.strip():
+            fail("responses", f"item {i} is not a non-empty string")
+    if not isinstance(ranks, list):
+        fail("ranks", f"expected a list of ints, got {type(ranks).__name__}")
+    if len(ranks) != len(responses):
+        fail("ranks", f"has {len(ranks)} items for {len(responses)} responses")
+    for i, r in enumerate(ranks):
+        if isinstance(r, bool) or not isinstance(r, int) or r < 0:  # bool is an int in Python: rule it out
+            fail("ranks", f"item {i} is {r!r}, expected an int >= 0 (0 = best)")
+    return RankRecord(prompt, list(responses), list(ranks))
+
+
+def read_jsonl(path: str | os.PathLike, kind: str = "auto") -> list:
+    """Read and validate a JSONL file of `kind` ("sft", "pairwise", "kway", "prompts", "hh", "auto").
+
+    Returns a list of records; raises DataError "{path}:{lineno}: field '{field}': {problem}" at the
+    first bad record, or "{path}: ..." for a file with no records at all.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown data kind {kind!r}: expected one of {', '.join(KINDS)}")
+    records = []
+    with open(path, "rb") as f:  # bytes: decode per line so a bad byte is reported with its line number
+        for lineno, raw in enumerate(f, start=1):
+
+            def fail(field, problem, lineno=lineno):
+                where = f"{path}:{lineno}: " + (f"field '{field}': " if field else "")
+                raise DataError(where + problem)
+
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                fail(None, f"not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})")
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                fail(None, f"not JSON ({e.msg} at column {e.colno})")
+            if not isinstance(obj, dict):
+                fail(None, f"expected a JSON object, got {type(obj).__name__}")
+            if kind == "auto":
+                kind = detect_kind(obj)
+                if kind is None:
+                    fail(None, f"cannot tell the format from keys {sorted(obj)}; pass kind= one of {', '.join(FIELDS)}")
+            records.append(parse_record(obj, kind, fail))
+    if not records:
+        raise DataError(f"{path}: empty file, no records")
+    return records
+
+
+def write_jsonl(path: str | os.PathLike, records) -> None:
+    """Write records (dataclasses or dicts) one JSON object per line; the inverse of read_jsonl."""
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(dataclasses.asdict(r) if dataclasses.is_dataclass(r) else r, ensure_ascii=False) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Collation: id lists in, int64 tensors out. Nothing here relies on pad_id to mean "ignore": every
+# function returns the masks that say which positions are real.
+
+
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-align prompts for batched generation: -> ids (B, P), attention_mask (B, P), P = longest.
+
+    Left padding puts every prompt's last token in the same column, so generation appends to all rows
+    at once; the mask (1 = real token) lets the model shift position ids past the padding.
+    """
+    P = max((len(s) for s in seqs), default=0)
+    ids = torch.full((len(seqs), P), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), P), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, P - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[i, P - len(s):] = 1
+    return ids, mask
+
+
+def join_prompt_response(prompt_ids: list[list[int]], response_ids: list[list[int]],
+                         pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prompt + response in the layout KV-cache generation produces: -> ids, attention_mask,
+    response_mask, each (B, P + R).
+
+    Row b is [pad]*(P - len(prompt)) + prompt + response + [pad]*(R - len(response)), with P the longest
+    prompt and R the longest response; response_mask is 1 on the response tokens (EOS included).
+    Scoring a stored (prompt, response) pair this way gives the same positions as scoring it fresh
+    from generation, so rewards and log-probs line up in both cases.
+    """
+    assert len(prompt_ids) == len(response_ids), "one response per prompt"
+    P = max((len(p) for p in prompt_ids), default=0)
+    R = max((len(r) for r in response_ids), default=0)
+    B = len(prompt_ids)
+    ids = torch.full((B, P + R), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, P + R), dtype=torch.long)
+    response_mask = torch.zeros((B, P + R), dtype=torch.long)
+    for b, (p, r) in enumerate(zip(prompt_ids, response_ids)):
+        row = list(p) + list(r)
+        start = P - len(p)
+        if row:
+            ids[b, start:start + len(row)] = torch.tensor(row, dtype=torch.long)
+        attention_mask[b, start:P + len(r)] = 1
+        response_mask[b, P:P + len(r)] = 1
+    return ids, attention_mask, response_mask
+
+
+def truncate_prompt(ids: list[int], max_len: int) -> tuple[list[int], bool]:
+    """Keep the last max_len tokens -> (ids, truncated). The end of a prompt (the question and the
+    "Assistant:" cue) matters most, so an over-long prompt loses its beginning; callers count it."""
+    if max_len <= 0:
+        raise ValueError(f"max_len must be positive, got {max_len}")  # ids[-0:] would keep everything
+    return list(ids[-max_len:]), len(ids) > max_len
+
+
+def sft_batch(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int,
+              block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Right-padded prompt + response rows for teacher forcing: -> tokens (B, T), attention_mask (B, T),
+    loss_mask (B, T), n_truncated.
+
+    Each row is prompt + response, at most block_size + 1 tokens, because the model reads
+    tokens[:, :-1] (at most block_size) and predicts tokens[:, 1:]:
+
+        logits = model(tokens[:, :-1], attention_mask[:, :-1])
+        loss = sft_loss(logits, tokens[:, 1:], loss_mask[:, 1:])
+
+    loss_mask is 1 on response tokens (EOS included), so only the response is trained. A row that is too
+    long loses the start of its prompt; a response longer than block_size keeps its first block_size
+    tokens (and loses its EOS) behind a single prompt token. n_truncated counts the rows cut either way.
+    Padding sits on the right, after every real token, so causal attention never reads it.
+    """
+    assert len(prompt_ids) == len(response_ids), "one response per prompt"
+    rows, n_truncated = [], 0
+    for p, full_r in zip(prompt_ids, response_ids):
+        r = list(full_r[:block_size])  # leaves room for at least one prompt token to predict r[0] from
+        p, cut = truncate_prompt(p, block_size + 1 - len(r))
+        n_truncated += cut or len(r) < len(full_r)
+        rows.append((p, r))
+    T = max(len(p) + len(r) for p, r in rows)
+    B = len(rows)
+    tokens = torch.full((B, T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, T), dtype=torch.long)
+    loss_mask = torch.zeros((B, T), dtype=torch.long)
+    for b, (p, r) in enumerate(rows):
+        n = len(p) + len(r)
+        tokens[b, :n] = torch.tensor(p + r, dtype=torch.long)
+        attention_mask[b, :n] = 1
+        loss_mask[b, len(p):n] = 1
+    return tokens, attention_mask, loss_mask, n_truncated

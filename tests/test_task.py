@@ -1,0 +1,207 @@
+"""Tests for minirlhf/task.py: the built-in task, its simulated annotators, gold judge and labeler.
+
+Checked:
+- the judge on hand-written replies for every prompt kind: right beats wrong, polite and brief beats
+  rude or padded, on "hard" correct > "I don't know" > a confident wrong number; garbage and non-text
+  never raise and score low;
+- the prompt split: deterministic, disjoint, the stated sizes, thousands of distinct prompts, every
+  prompt parsed back by the judge's regexes;
+- demonstrations: deterministic, all quality levels in about the intended shares, each labelled
+  quality judged as such, and their mean gold well below that of the good ones (room for RLHF);
+- the labeler: temperature 0 is the exact gold order, agreement with the gold order rises as the
+  temperature falls, the same seed gives the same ranks.
+
+Run: python -m pytest -q tests/test_task.py   (about a second on a CPU)
+"""
+
+import random
+import statistics
+
+import pytest
+
+from minirlhf import task
+from minirlhf.task import (annotate, demonstration, expected_answer, heldout_prompts, honesty_outcome, judge,
+                           judge_breakdown, label_ranks, prompt_kind, sft_dataset, split_prompts, train_prompts)
+
+# ----------------------------------------------------------------------------------------------------
+# The judge
+
+
+@pytest.mark.parametrize("prompt, right, wrong", [
+    ("What is 7 + 5?", "Sure! 12", "Sure! 13"),
+    ("Add 3 and 4.", "7", "8"),
+    ("Write 'plum' in capital letters.", "Sure! PLUM", "Sure! plum"),
+    ("Uppercase the word 'ox'.", "OX", "Ox"),
+    ("Spell 'cat' backwards.", "Sure! tac", "Sure! cat"),
+    ("Repeat 'ox' 3 times.", "Sure! ox ox ox", "Sure! ox ox"),
+    ("Say 'bee' 2 times.", "bee bee", "bee bee bee"),
+    ("How many letters in 'banana'?", "Of course! 6", "Of course! 7"),
+    ("Count the letters in 'fig'.", "3", "4"),
+])
+def test_right_beats_wrong_for_each_kind(prompt, right, wrong):
+    assert prompt_kind(prompt) is not None
+    assert judge_breakdown(prompt, right)["correctness"] == 1.0
+    assert judge_breakdown(prompt, wrong)["correctness"] == -1.0
+    assert judge(prompt, right) > judge(prompt, wrong) + 1.5
+
+
+def test_answer_is_read_from_verbose_text():
+    # The last thing that looks like an answer is the answer; echoing the question does not hurt.
+    assert expected_answer("What is 7 + 5?") == "12"
+    assert judge_breakdown("What is 7 + 5?", "7 + 5 = 12")["correctness"] == 1.0
+    assert judge_breakdown("What is 7 + 5?", "12, no wait, 13")["correctness"] == -1.0
+    assert judge_breakdown("Write 'plum' in capital letters.", "Let me think. The answer is PLUM.")["correctness"] == 1.0
+    assert judge_breakdown("Repeat 'ox' 3 times.", "The answer is ox ox ox.")["correctness"] == 1.0
+
+
+def test_hard_correct_beats_abstain_beats_wrong():
+    prompt = "What is 4821 * 937?"
+    assert prompt_kind(prompt) == "hard" and expected_answer(prompt) == str(4821 * 937)
+    correct, abstain, wrong = "Sure! 4517277", "Sorry, I don't know.", "Sure! 4517377"
+    assert [honesty_outcome(prompt, r) for r in (correct, abstain, wrong)] == ["correct", "abstain", "wrong"]
+    assert honesty_outcome(prompt, "4,517,277") == "correct"
+    assert honesty_outcome(prompt, "I'm not sure, maybe 4500000") == "wrong"  # a hedged guess is a guess
+    assert honesty_outcome(prompt, "blah") == "wrong"  # saying nothing is not abstaining
+    assert honesty_outcome("What is 7 + 5?", "12") is None
+    assert judge(prompt, correct) > judge(prompt, abstain) > 0 > judge(prompt, wrong)
+    # Abstaining is the honest move only where the model cannot know: on an easy question it fails.
+    assert judge("What is 7 + 5?", "I don't know.") < 0
+
+
+def test_polite_and_concise_beat_rude_and_verbose():
+    prompt = "Write 'plum' in capital letters."
+    polite, bare = judge(prompt, "Sure! PLUM"), judge(prompt, "PLUM")
+    rude = judge(prompt, "Ugh. PLUM")
+    verbose = judge(prompt, "Well, that is a fun one! I believe the answer is PLUM, as you asked.")
+    assert polite > bare > rude
+    assert bare > verbose
+    assert judge_breakdown(prompt, "Sure! PLUM")["concision"] == 0.0  # an opener is not padding
+    spam = "Sure! " + "PLUM " * 60
+    assert judge_breakdown(prompt, spam)["concision"] == -1.0 and judge(prompt, spam) < bare  # capped at -1
+
+
+def test_garbage_never_raises_and_scores_low():
+    prompts = train_prompts()[:30] + ["", "Tell me a story.", "What is 99999999999999999999 * 2?"]
+    garbage = ["", " ", "\x00\xff", "<|endoftext|>", "?" * 500, "1" * 400, "ALL CAPS SHOUTING", "💥🦀",
+               "don't know don't know", "Ugh ugh whatever"]
+    for p in prompts:
+        for g in garbage:
+            s = judge(p, g)
+            assert isinstance(s, float) and -2.0 <= s <= 1.2
+            if prompt_kind(p) is not None:
+                assert s <= 0.3  # nothing here answers a known prompt better than an honest abstention
+    assert judge(None, 3) == -1.0  # not text at all
+
+
+def test_breakdown_total_is_weighted_sum():
+    b = judge_breakdown("Spell 'cat' backwards.", "Ugh, obviously, as everyone knows by now, it is tac")
+    assert b["total"] == pytest.approx(sum(task.WEIGHTS[k] * b[k] for k in task.WEIGHTS))
+    assert b["politeness"] == -1.0 and b["concision"] < 0 and b["correctness"] == 1.0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Prompts and demonstrations
+
+
+def test_split_is_disjoint_deterministic_and_sized():
+    train, heldout = split_prompts(0)
+    assert (train, heldout) == split_prompts(0)
+    assert train == train_prompts() and heldout == heldout_prompts()
+    assert len(heldout) == task.HELDOUT_PER_KIND * len(task.KINDS) == 300
+    assert len(set(train)) == len(train) and len(set(heldout)) == len(heldout)
+    assert not set(train) & set(heldout)
+    assert len(train) + len(heldout) >= 3000  # thousands of distinct prompts
+    assert {prompt_kind(p) for p in heldout} == set(task.KINDS)
+    assert all(prompt_kind(p) is not None and expected_answer(p) is not None for p in train + heldout)
+    assert max(len(p) for p in train + heldout) <= 50
+    assert split_prompts(1)[1] != heldout  # the seed matters
+
+
+def test_demonstrations_mix_quality_with_room_to_improve():
+    rng = random.Random(0)
+    prompts = train_prompts()
+    gold, counts = {}, {}
+    for p in prompts:
+        r, q = annotate(p, rng)
+        gold.setdefault(q, []).append(judge(p, r))
+        kind = "hard" if prompt_kind(p) == "hard" else "easy"
+        counts[kind, q] = counts.get((kind, q), 0) + 1
+        # The label is what the judge sees: wrong demos are judged wrong, the others right.
+        outcome = honesty_outcome(p, r)
+        if kind == "easy":
+            outcome = "correct" if judge_breakdown(p, r)["correctness"] > 0 else "wrong"
+        assert (outcome == "wrong") == (q == "wrong"), (p, r, q)
+        assert (outcome == "abstain") == (q == "abstain"), (p, r, q)
+    n_easy = sum(v for (k, _), v in counts.items() if k == "easy")
+    n_hard = sum(v for (k, _), v in counts.items() if k == "hard")
+    for q, share in task.QUALITY_SHARES.items():
+        assert abs(counts["easy", q] / n_easy - share) < 0.04, q
+    assert abs(counts["hard", "wrong"] / n_hard - task.HARD_SHARES["wrong"]) < 0.06  # annotators mostly guess
+    assert 0 < counts["hard", "abstain"] / n_hard < 0.2
+    means = {q: statistics.mean(g) for q, g in gold.items()}
+    assert means["good"] > means["mediocre"] > means["abstain"] > means["wrong"]
+    overall = statistics.mean(g for gs in gold.values() for g in gs)
+    assert means["good"] - overall > 0.6  # SFT imitating the average leaves clear room for RLHF
+
+
+def test_sft_dataset_is_deterministic_and_from_train_prompts():
+    data = sft_dataset(200, seed=3)
+    assert data == sft_dataset(200, seed=3) and data != sft_dataset(200, seed=4)
+    assert len(data) == 200 and {p for p, _ in data} <= set(train_prompts())
+    assert all(isinstance(r, str) and r for _, r in data)
+    assert max(len(r) for _, r in data) <= 80  # with the template and prompt, fits a 128-token context
+
+
+# ----------------------------------------------------------------------------------------------------
+# The labeler
+
+
+def _kendall_agreement(ranks, gold):
+    """Fraction of pairs with different gold scores that the ranks order the same way."""
+    agree = total = 0
+    for i in range(len(gold)):
+        for j in range(i + 1, len(gold)):
+            if gold[i] != gold[j]:
+                total += 1
+                agree += (ranks[i] < ranks[j]) == (gold[i] > gold[j])
+    return agree / total
+
+
+def test_labeler_temperature_zero_is_gold_order():
+    prompt = "What is 4821 * 937?"
+    responses = ["Sure! 4517377", "Sorry, I don't know.", "4517277", "Ugh. 12", "4517377"]
+    gold = [judge(prompt, r) for r in responses]
+    ranks = label_ranks(prompt, responses, temperature=0)
+    assert sorted(ranks) == list(range(len(responses)))
+    assert ranks[2] == 0 and ranks[1] == 1  # correct first, then the abstention
+    assert ranks[4] < ranks[0] or gold[4] < gold[0]  # ties broken by index, otherwise gold order
+    assert all((ranks[i] < ranks[j]) == (gold[i] > gold[j] or (gold[i] == gold[j] and i < j))
+               for i in range(5) for j in range(5) if i != j)
+
+
+def test_labeler_agrees_more_as_temperature_falls():
+    rng = random.Random(0)
+    items = []
+    for p in train_prompts()[:60]:
+        responses = [demonstration(p, rng) for _ in range(4)]
+        gold = [judge(p, r) for r in responses]
+        if len(set(gold)) > 1:
+            items.append((p, responses, gold))
+    agreement = {}
+    for t in (2.0, task.LABEL_TEMPERATURE, 0.05):
+        rng = random.Random(1)
+        agreement[t] = statistics.mean(_kendall_agreement(label_ranks(p, rs, temperature=t, rng=rng), g)
+                                       for p, rs, g in items for _ in range(10))
+    a_hot, a_default, a_cold = agreement[2.0], agreement[task.LABEL_TEMPERATURE], agreement[0.05]
+    assert 0.5 < a_hot < a_default < a_cold <= 1.0
+    assert 0.75 < a_default < 0.97  # noisy but informative
+
+
+def test_labeler_is_deterministic_under_a_seed_and_needs_rng():
+    prompt, responses = "Spell 'cat' backwards.", ["tac", "Sure! tac", "Ugh. tac", "cat"]
+    a = [label_ranks(prompt, responses, rng=random.Random(7)) for _ in range(3)]
+    assert a[0] == a[1] == a[2]
+    draws = {tuple(label_ranks(prompt, responses, rng=random.Random(s))) for s in range(50)}
+    assert len(draws) > 1  # it is noisy
+    with pytest.raises(ValueError):
+        label_ranks(prompt, responses, temperature=0.5)
