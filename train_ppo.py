@@ -5,11 +5,105 @@ Algorithms") on a per-token reward: the reward model's score at the last respons
 penalty to a frozen reference copy of the SFT model at every token (Ziegler et al. 2019, "Fine-Tuning
 Language Models from Human Preferences"; Ouyang et al. 2022, Eq. 2), with advantages from GAE
 (Schulman et al. 2016, "High-Dimensional Continuous Control Using Generalized Advantage Estimation").
+
+Four models are in memory:
+    policy     pi       the SFT model, trained here
+    reference  pi_ref   a frozen copy of the SFT model: the KL penalty keeps pi near it
+    reward     r        the reward model(s) of train_rm.py, frozen: one score per response
+    critic     V        a value per token; initialised from the reward model (it already reads
+                        responses and knows what scores well), the common choice since Ziegler et al.;
+                        the alternative, `--critic-init sft`, is the SFT trunk with a fresh head
+
+One iteration: sample a response to each of `batch_size` prompts (KV cache, temperature T); score the
+sequences with the four models; turn the score and the KL penalty into per-token rewards; GAE gives
+advantages and returns; whiten the advantages; run `ppo_epochs` passes of shuffled minibatches of the
+clipped policy and value losses.
+
+Deviations from the papers, all common practice for language models: the log-probs are those of the
+sampling distribution (logits / T), so the ratio and the KL are about the policy that acted; the value
+loss is clipped; advantages are whitened per batch; answers that never emit EOS lose `missing_eos_penalty`
+from their score; the KL coefficient is adaptive (Ziegler et al.) unless `--kl-target 0`.
+
+    python train_ppo.py                                   # after train_sft.py and train_rm.py, CPU
+    python train_ppo.py --reward-model out/rm_a:0.7 --reward-model out/rm_b:0.3   # several RMs, weighted
+    python train_ppo.py --init out/sft --reward-model out/rm --device cuda --batch-size 256   # one GPU
 """
 
-import torch
+import copy
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
 
-from minirlhf.ops import last_index, masked_mean
+import torch
+from tqdm import tqdm
+
+from minirlhf import task
+from minirlhf.checkpoint import load_model, save_checkpoint
+from minirlhf.cli import Log, arg, parse_args, peak_memory_mb
+from minirlhf.data import PromptRecord, left_pad, read_jsonl
+from minirlhf.evaluate import encode_prompts, evaluate
+from minirlhf.model import GPT, ScalarHead, generate
+from minirlhf.ops import last_index, masked_mean, masked_var, masked_whiten, token_logprobs
+from minirlhf.reward import combined_reward, load_reward_models
+from minirlhf.tokenizer import decode_response, eos_id, get_encoding
+
+
+@dataclass
+class Args:
+    """PPO against a reward model, with a KL penalty to the SFT model."""
+    out: str = arg("out/ppo", "output folder")
+    init: str = arg("out/sft", "the SFT checkpoint: the initial policy and the frozen reference")
+    reward_model: list = arg(["out/rm"], "PATH[:WEIGHT] of a reward model; repeat to combine several")
+    critic_init: str = arg("rm", "rm: the critic starts as the (first) reward model; sft: SFT trunk + new head")
+    data: str = arg("", "JSONL with a 'prompt' field per line; '' = the built-in task's training prompts")
+    seed: int = arg(1337, "random seed")
+    device: str = arg("auto", "cpu | cuda | auto")
+    dtype: str = arg("auto", "float32 | bfloat16 (autocast, CUDA) | auto")
+    compile: bool = arg(False, "torch.compile the policy and critic forwards (GPU)")
+    lr: float = arg(3e-4, "policy learning rate (Adam)")
+    critic_lr: float = arg(1e-3, "critic learning rate")
+    batch_size: int = arg(64, "prompts (= responses) per rollout")
+    minibatch_size: int = arg(32, "responses per gradient step")
+    ppo_epochs: int = arg(4, "passes over each rollout")
+    max_steps: int = arg(60, "PPO iterations (rollout + update)")
+    eval_interval: int = arg(20, "print decoded samples every this many iterations")
+    temperature: float = arg(1.0, "sampling temperature; log-probs are taken at the same temperature")
+    max_new_tokens: int = arg(48, "response length limit")
+    clip_eps: float = arg(0.2, "PPO ratio clip")
+    vf_clip_eps: float = arg(0.2, "value clip, in reward units")
+    gamma: float = arg(1.0, "discount: 1, the episode is one short response")
+    lam: float = arg(0.95, "GAE lambda")
+    kl_coef: float = arg(0.05, "initial KL coefficient beta")
+    kl_target: float = arg(4.0, "adaptive KL target in nats per response; 0 = fixed coefficient")
+    kl_horizon: int = arg(10000, "adaptive KL horizon in samples (Ziegler et al.)")
+    missing_eos_penalty: float = arg(1.0, "subtracted from the score of a response that never emits EOS")
+    grad_clip: float = arg(1.0, "clip each model's gradient norm")
+    eval_prompts: int = arg(300, "held-out prompts for the final evaluation (built-in task)")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Forward passes shared by the rollout and the update (the same code, so the ratio starts at exactly 1)
+# ---------------------------------------------------------------------------------------------------
+
+def policy_forward(model, seqs, attention_mask, temperature):
+    """Log-probs (B, T) of the tokens at temperature T (the sampling distribution), and entropies (B, T).
+
+    Both aligned with `seqs`: position t is about token t, predicted from logits[:, t - 1].
+    """
+    logits = model(seqs, attention_mask).float() / temperature                # (B, T, V)
+    logprobs = token_logprobs(logits, seqs)                                   # (B, T)
+    logp_all = torch.log_softmax(logits[:, :-1], dim=-1)                      # (B, T-1, V)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)                            # (B, T-1)
+    return logprobs, torch.cat([torch.zeros_like(entropy[:, :1]), entropy], dim=1)
+
+
+def critic_forward(critic, seqs, attention_mask):
+    """Values (B, T) aligned with the tokens: values[:, t] = V(prompt, y_<t), the state in which token t
+    is chosen, read from the critic's output at position t - 1: the same shift as the log-probs. (The
+    reward model, in contrast, is read at the last token itself: it scores the finished response.)"""
+    v = critic(seqs, attention_mask).float()                                  # (B, T)
+    return torch.cat([torch.zeros_like(v[:, :1]), v[:, :-1]], dim=1)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -244,5 +338,148 @@ class FixedKLController:
         pass
 
 
+
+@torch.no_grad()
+def rollout(policy, ref, critic, rms, enc, prompts, args, kl_coef, generator):
+    """Sample responses and compute everything the update needs; nothing here has a gradient."""
+    device = next(policy.parameters()).device
+    policy.eval()
+    ids, _ = encode_prompts(enc, prompts, policy.config.block_size - args.max_new_tokens)
+    idx, pmask = left_pad(ids, eos_id(enc))
+    seqs, attn, mask = generate(policy, idx.to(device), pmask.to(device), args.max_new_tokens, eos_id(enc),
+                                temperature=args.temperature, generator=generator)
+    logprobs, entropy = policy_forward(policy, seqs, attn, args.temperature)
+    ref_logprobs, _ = policy_forward(ref, seqs, attn, args.temperature)
+    values = critic_forward(critic, seqs, attn)
+    scores = combined_reward(rms, seqs, attn, mask)                           # (B,) at the last response token
+    has_eos = seqs.gather(1, last_index(mask)[:, None]).squeeze(1) == eos_id(enc)
+    scores = scores - args.missing_eos_penalty * (~has_eos).float()
+    rewards = token_rewards(scores, logprobs, ref_logprobs, mask, kl_coef)   # r_t = -beta * kl_t (+ score at EOS)
+    advantages, returns = gae(rewards, values, mask, args.gamma, args.lam)    # returns are taken before whitening
+    advantages = masked_whiten(advantages, mask)
+    P = idx.size(1)
+    texts = [decode_response(enc, row[m.bool()].tolist()) for row, m in zip(seqs[:, P:], mask[:, P:])]
+    return dict(seqs=seqs, attn=attn, mask=mask, logprobs=logprobs, ref_logprobs=ref_logprobs, values=values,
+                advantages=advantages, returns=returns, scores=scores, entropy=entropy, has_eos=has_eos,
+                texts=texts)
+
+
 if __name__ == "__main__":
-    raise SystemExit("training loop: written by the lead")
+    args = parse_args(Args)
+
+    # ---- device, dtype, seed ----------------------------------------------------------------------
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
+    dtype = ("bfloat16" if device == "cuda" else "float32") if args.dtype == "auto" else args.dtype
+    autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=(dtype == "bfloat16" and device == "cuda"))
+    torch.manual_seed(args.seed)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    prompt_rng = random.Random(args.seed)
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    # ---- the four models --------------------------------------------------------------------------
+    policy, ck = load_model(args.init, device)
+    if ck["kind"] != "lm":
+        raise SystemExit(f"{args.init}: --init must be a language model (SFT) checkpoint")
+    enc = get_encoding(ck["tokenizer"])
+    ref = copy.deepcopy(policy).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    rms = load_reward_models(args.reward_model, device)
+    for rm in rms:
+        if rm.tokenizer != enc.name:
+            raise SystemExit(f"{rm.path}: reward model uses tokenizer {rm.tokenizer!r}, the policy {enc.name!r}")
+    if args.critic_init == "rm":
+        critic = copy.deepcopy(rms[0].model)
+        for p in critic.parameters():
+            p.requires_grad_(True)
+    else:
+        critic = ScalarHead(copy.deepcopy(policy))
+    critic.to(device)
+    # The reference and reward models must never change: keep a copy of their weights to check at the end.
+    frozen_before = [{k: v.clone() for k, v in m.state_dict().items()} for m in [ref] + [rm.model for rm in rms]]
+    policy_opt = torch.optim.Adam(policy.parameters(), lr=args.lr, eps=1e-5)
+    critic_opt = torch.optim.Adam(critic.parameters(), lr=args.critic_lr, eps=1e-5)
+    kl_ctl = AdaptiveKLController(args.kl_coef, args.kl_target, args.kl_horizon) if args.kl_target > 0 else FixedKLController(args.kl_coef)
+    print(f"policy/reference {policy.num_params() / 1e6:.2f}M params, {len(rms)} reward model(s), critic from {args.critic_init}")
+
+    # ---- prompts ----------------------------------------------------------------------------------
+    if args.data:
+        prompts = [r.prompt for r in read_jsonl(args.data, "auto")]
+    else:
+        prompts = task.train_prompts()
+    if args.batch_size % args.minibatch_size:
+        raise SystemExit(f"--batch-size {args.batch_size} is not a multiple of --minibatch-size {args.minibatch_size}")
+    log = Log(args.out)
+
+    # ---- training loop ----------------------------------------------------------------------------
+    t_start = time.time()
+    for step in tqdm(range(args.max_steps), desc="ppo", dynamic_ncols=True, disable=None):
+        t0 = time.time()
+        batch_prompts = [prompts[prompt_rng.randrange(len(prompts))] for _ in range(args.batch_size)]
+        with autocast:
+            b = rollout(policy, ref, critic, rms, enc, batch_prompts, args, kl_ctl.value, generator)
+        mask = b["mask"]
+        t_rollout = time.time() - t0
+
+        # PPO update: several epochs of shuffled minibatches over the same rollout
+        policy.train()
+        critic.train()
+        stats = {"pg_loss": [], "vf_loss": [], "approx_kl": [], "clipfrac": []}
+        for epoch in range(args.ppo_epochs):
+            perm = torch.randperm(args.batch_size, generator=generator, device=device)
+            for mb in perm.split(args.minibatch_size):
+                m = mask[mb]
+                with autocast:
+                    logprobs, _ = policy_forward(policy, b["seqs"][mb], b["attn"][mb], args.temperature)
+                    values = critic_forward(critic, b["seqs"][mb], b["attn"][mb])
+                # L_pg = mean_t max(-A_t rho_t, -A_t clip(rho_t, 1 +- eps)),  rho_t = pi / pi_old
+                pg_loss = ppo_policy_loss(logprobs, b["logprobs"][mb], b["advantages"][mb], m, args.clip_eps)
+                # L_vf = 0.5 mean_t max((V_t - G_t)^2, (V_old + clip(V_t - V_old) - G_t)^2)
+                vf_loss = ppo_value_loss(values, b["values"][mb], b["returns"][mb], m, args.vf_clip_eps)
+                policy_opt.zero_grad(set_to_none=True)
+                critic_opt.zero_grad(set_to_none=True)
+                (pg_loss + vf_loss).backward()   # separate models, so the sum just backpropagates both
+                torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
+                torch.nn.utils.clip_grad_norm_(critic.parameters(), args.grad_clip)
+                policy_opt.step()
+                critic_opt.step()
+                s = ppo_policy_stats(logprobs, b["logprobs"][mb], b["advantages"][mb], m, args.clip_eps)
+                for k, v in (("pg_loss", pg_loss), ("vf_loss", vf_loss), ("approx_kl", s["approx_kl"]), ("clipfrac", s["clipfrac"])):
+                    stats[k].append(v.item())
+
+        # KL(pi || pi_ref) of this rollout, per response (summed over its tokens, k1); drives the controller
+        kl = ((b["logprobs"] - b["ref_logprobs"]) * mask).sum(1).mean().item()
+        kl_ctl.update(kl, args.batch_size)
+        returns, old_values = b["returns"], b["values"]
+        explained_var = 1 - (masked_var(returns - old_values, mask) / masked_var(returns, mask).clamp(min=1e-8)).item()
+        gold = [task.judge(p, t) for p, t in zip(batch_prompts, b["texts"])] if not args.data else [0.0]
+        log(step, rm_reward=b["scores"].mean(), gold_reward=sum(gold) / len(gold), kl=kl, kl_coef=kl_ctl.value,
+            entropy=masked_mean(b["entropy"], mask), approx_kl=sum(stats["approx_kl"]) / len(stats["approx_kl"]),
+            clipfrac=sum(stats["clipfrac"]) / len(stats["clipfrac"]), pg_loss=sum(stats["pg_loss"]) / len(stats["pg_loss"]),
+            vf_loss=sum(stats["vf_loss"]) / len(stats["vf_loss"]), explained_var=explained_var,
+            response_len=mask.sum(1).float().mean(), eos_rate=b["has_eos"].float().mean(),
+            first_approx_kl=stats["approx_kl"][0], rollout_ms=t_rollout * 1000, ms=(time.time() - t0) * 1000)
+        if step % args.eval_interval == 0 or step == args.max_steps - 1:
+            for p, t in list(zip(batch_prompts, b["texts"]))[:3]:
+                print(f"    {p!r:42} -> {t!r}")
+    train_seconds = time.time() - t_start
+
+    # ---- checks, final evaluation and save -------------------------------------------------------
+    for before, m in zip(frozen_before, [ref] + [rm.model for rm in rms]):
+        assert all(torch.equal(before[k], v) for k, v in m.state_dict().items()), "a frozen model changed"
+    print("reference and reward models unchanged: ok")
+    policy.eval()
+    extra = {"train_seconds": train_seconds, "peak_memory_mb": peak_memory_mb(device),
+             "models_in_memory": 3 + len(rms), "kl_coef": kl_ctl.value}
+    if not args.data:
+        metrics, samples = evaluate(policy, enc, task.heldout_prompts()[: args.eval_prompts], args.max_new_tokens,
+                                    rms=rms, ref=ref, seed=args.seed, device=device)
+        extra.update(metrics)
+        for p, r, g in samples[:6]:
+            print(f"  {p!r:42} -> {r!r} (gold {g:+.2f})")
+        print(f"held-out gold reward {metrics['gold_reward_mean']:+.4f} +- {metrics['gold_reward_sem']:.4f} | "
+              f"rm {metrics['rm_reward_mean']:+.3f} | kl to sft {metrics['kl_to_sft']:.3f} | hard: correct "
+              f"{metrics['hard_correct_rate']:.2f} abstain {metrics['hard_abstain_rate']:.2f} wrong {metrics['hard_wrong_rate']:.2f}")
+    save_checkpoint(args.out, policy, enc.name, asdict(args), args.max_steps, extra)
+    print(f"saved {args.out}/ckpt.pt after {train_seconds:.0f} s of training")

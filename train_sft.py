@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from minirlhf import task
 from minirlhf.checkpoint import load_checkpoint, load_model, save_checkpoint
-from minirlhf.cli import Log, arg, parse_args
+from minirlhf.cli import Log, arg, parse_args, peak_memory_mb
 from minirlhf.data import SFTRecord, read_jsonl, sft_batch
 from minirlhf.evaluate import evaluate
 from minirlhf.model import GPT, GPTConfig
@@ -194,7 +194,8 @@ if __name__ == "__main__":
 
     # ---- final evaluation and save ----------------------------------------------------------------
     model.eval()
-    extra = {"train_seconds": train_seconds, "val_loss": val_loss()}
+    extra = {"train_seconds": train_seconds, "peak_memory_mb": peak_memory_mb(device), "models_in_memory": 1,
+             "val_loss": val_loss()}
     if not args.data:
         metrics, samples = evaluate(model, enc, task.heldout_prompts()[: args.eval_prompts], args.max_new_tokens,
                                     seed=args.seed, device=device)

@@ -65,3 +65,13 @@ def fmt(v):
     if isinstance(v, float):
         return f"{v:.4f}" if abs(v) < 1000 else f"{v:.0f}"
     return str(v)
+
+
+def peak_memory_mb(device="cpu") -> float:
+    """Peak memory of this process: GPU memory allocated by torch on CUDA, else the peak resident set
+    size (which includes Python and torch themselves, a few hundred MB)."""
+    import torch
+    if str(device).startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux

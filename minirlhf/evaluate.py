@@ -16,7 +16,8 @@ import torch
 from minirlhf import task
 from minirlhf.data import join_prompt_response, left_pad, truncate_prompt
 from minirlhf.model import generate
-from minirlhf.ops import gather_last, token_logprobs
+from minirlhf.ops import token_logprobs
+from minirlhf.reward import combined_reward, load_reward_models
 from minirlhf.tokenizer import decode_response, encode_prompt, eos_id
 
 
@@ -49,15 +50,13 @@ def sample_responses(model, enc, prompts, max_new_tokens, batch_size=64, tempera
 
 
 @torch.no_grad()
-def score(rm, enc, prompts, responses, max_len, batch_size=64, device="cpu", mean=0.0, std=1.0):
-    """Reward-model scores (B,) of (prompt, response ids) pairs, read at the last response token and
-    normalised as (r - mean) / std with the statistics the reward stage saved."""
+def score(rms, enc, prompts, responses, max_len, batch_size=64, device="cpu"):
+    """The combined, normalised reward (see minirlhf.reward) of (prompt, response ids) pairs -> (N,)."""
     out = []
     for i in range(0, len(prompts), batch_size):
         p_ids, _ = encode_prompts(enc, prompts[i:i + batch_size], max_len)
         idx, attn, resp = join_prompt_response(p_ids, responses[i:i + batch_size], eos_id(enc))
-        idx, attn, resp = idx.to(device), attn.to(device), resp.to(device)
-        out.append((gather_last(rm(idx, attn), resp).float().cpu() - mean) / std)
+        out.append(combined_reward(rms, idx.to(device), attn.to(device), resp.to(device)).cpu())
     return torch.cat(out)
 
 
@@ -96,7 +95,7 @@ def gold_metrics(prompts, texts):
     return metrics, gold
 
 
-def evaluate(model, enc, prompts, max_new_tokens, rm=None, rm_stats=(0.0, 1.0), ref=None, samples_per_prompt=1,
+def evaluate(model, enc, prompts, max_new_tokens, rms=None, ref=None, samples_per_prompt=1,
              temperature=1.0, seed=0, batch_size=64, device="cpu"):
     """Sample, then measure: -> (metrics dict, list of (prompt, response, gold) samples)."""
     model.eval()
@@ -108,47 +107,81 @@ def evaluate(model, enc, prompts, max_new_tokens, rm=None, rm_stats=(0.0, 1.0), 
     metrics["response_len_mean"] = sum(len(r) for r in ids) / len(ids)  # tokens, EOS included
     metrics["eos_rate"] = sum(bool(r) and r[-1] == eos_id(enc) for r in ids) / len(ids)
     max_prompt = model.config.block_size - max_new_tokens
-    if rm is not None:
-        metrics["rm_reward_mean"] = score(rm, enc, prompts, ids, max_prompt, batch_size, device, *rm_stats).mean().item()
+    if rms:
+        metrics["rm_reward_mean"] = score(rms, enc, prompts, ids, max_prompt, batch_size, device).mean().item()
     if ref is not None:
         metrics["kl_to_sft"] = sequence_kl(model, ref, enc, prompts, ids, max_prompt, batch_size, device).mean().item()
     return metrics, list(zip(prompts, texts, gold))
 
 
+def best_of_n(model, enc, prompts, max_new_tokens, rms, n, samples_per_prompt=1, temperature=1.0, seed=0,
+              batch_size=64, device="cpu"):
+    """The baseline every RLHF method is compared with: sample n responses from the (SFT) policy, keep the
+    one the reward model scores highest. No training; its KL to the policy is known in closed form,
+    log n - (n - 1) / n (Stiennon et al. 2020, Appendix G.3), and it costs n samples per answer."""
+    model.eval()
+    prompts = [p for p in prompts for _ in range(samples_per_prompt)]
+    gen = torch.Generator(device=device).manual_seed(seed)
+    many = [p for p in prompts for _ in range(n)]                           # n candidates per prompt, adjacent
+    out = sample_responses(model, enc, many, max_new_tokens, batch_size, temperature, generator=gen, device=device)
+    max_prompt = model.config.block_size - max_new_tokens
+    r = score(rms, enc, many, [ids for _, ids in out], max_prompt, batch_size, device).view(len(prompts), n)
+    best = r.argmax(1)                                                       # (N,)
+    chosen = [out[i * n + int(j)] for i, j in enumerate(best)]
+    texts, ids = [t for t, _ in chosen], [c for _, c in chosen]
+    metrics, gold = gold_metrics(prompts, texts)
+    metrics["response_len_mean"] = sum(len(c) for c in ids) / len(ids)
+    metrics["eos_rate"] = sum(bool(c) and c[-1] == eos_id(enc) for c in ids) / len(ids)
+    metrics["rm_reward_mean"] = r.gather(1, best[:, None]).mean().item()
+    metrics["kl_to_sft"] = math.log(n) - (n - 1) / n
+    return metrics, list(zip(prompts, texts, gold))
+
+
 def main(argv=None):
     from minirlhf.checkpoint import load_model
+    from minirlhf.cli import peak_memory_mb
     from minirlhf.tokenizer import get_encoding
 
     ap = argparse.ArgumentParser(description="Score checkpoints on the built-in task's held-out prompts.")
     ap.add_argument("checkpoints", nargs="+", help="policy checkpoint folders (out/sft, out/ppo, ...)")
-    ap.add_argument("--reward-model", default="", help="reward model checkpoint for rm_reward_mean")
+    ap.add_argument("--reward-model", action="append", default=[], help="PATH[:WEIGHT] for rm_reward_mean (repeatable)")
     ap.add_argument("--ref", default="", help="reference (SFT) checkpoint for kl_to_sft")
     ap.add_argument("--n-prompts", type=int, default=300)
     ap.add_argument("--samples-per-prompt", type=int, default=2)
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--best-of-n", type=int, default=0, help="evaluate best-of-n sampling with the reward model instead")
     ap.add_argument("--json", default="", help="also write the metrics here")
+    ap.add_argument("--samples-json", default="", help="write the samples here (default: beside --json)")
     args = ap.parse_args(argv)
     prompts = task.heldout_prompts()[: args.n_prompts]
-    rm, stats = None, (0.0, 1.0)
-    if args.reward_model:
-        rm, ck = load_model(args.reward_model)
-        stats = (ck["extra"].get("reward_mean", 0.0), ck["extra"].get("reward_std", 1.0))
-    ref = load_model(args.ref)[0] if args.ref else None
-    results = {}
+    rms = load_reward_models(args.reward_model)
+    if args.best_of_n and not rms:
+        raise SystemExit("--best-of-n needs --reward-model")
+    ref = load_model(args.ref)[0] if args.ref and not args.best_of_n else None  # best-of-n's KL is analytic
+    results, all_samples = {}, {}
     for path in args.checkpoints:
         model, ck = load_model(path)
         enc = get_encoding(ck["tokenizer"])
-        metrics, samples = evaluate(model, enc, prompts, args.max_new_tokens, rm, stats, ref,
-                                    args.samples_per_prompt, args.temperature, args.seed)
+        if args.best_of_n:
+            metrics, samples = best_of_n(model, enc, prompts, args.max_new_tokens, rms, args.best_of_n,
+                                         args.samples_per_prompt, args.temperature, args.seed)
+            metrics["models_in_memory"] = 1 + len(rms)
+            metrics["peak_memory_mb"] = peak_memory_mb()
+        else:
+            metrics, samples = evaluate(model, enc, prompts, args.max_new_tokens, rms, ref,
+                                        args.samples_per_prompt, args.temperature, args.seed)
         results[path] = metrics
+        all_samples[path] = samples[:: args.samples_per_prompt][:20]
         print(f"{path}: " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         for p, t, g in samples[:3]:
             print(f"    {p!r} -> {t!r} (gold {g:+.2f})")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
+        with open(args.samples_json or args.json.removesuffix(".json") + ".samples.json", "w") as f:
+            json.dump(all_samples, f, indent=2, ensure_ascii=False)
     return results
 
 
