@@ -3,10 +3,84 @@
 Train a scalar reward r(x, y) on human rankings of K responses per prompt with the Bradley-Terry
 pairwise loss over every ranked pair (Ouyang et al. 2022, "Training language models to follow
 instructions with human feedback", Sec. 3.5, Eq. 1).
+
+The reward model is the SFT model's trunk plus Linear(n_embd, 1) (`ScalarHead`), read at the last
+response token: the EOS token when there is one, the only position whose causal context holds the whole
+prompt, the whole response and the fact that it ended. On the built-in task the comparisons are made
+here, the way InstructGPT made them: sample K responses per prompt from the SFT model (temperature 1),
+have the simulated labeler rank them (`task.label_ranks`, noisy), train on the rankings. With `--data`
+the rankings come from a file: pairwise records (K = 2, ranks [0, 1]), K-way rankings, or Anthropic
+HH-RLHF dialogues.
+
+All K candidates of a prompt sit in the same batch (B prompts -> B*K sequences, scores reshaped (B, K)),
+so one forward pass per response serves all C(K, 2) of its pairs, and a prompt's comparisons never
+straddle two steps: InstructGPT found that shuffling the pairs of one ranking into separate batch
+elements makes the reward model overfit within an epoch.
+
+Deviations from InstructGPT:
+- The reward model is the policy's own size (theirs: 6B reward models for policies up to 175B).
+- A small comparison set: by default 1,024 training prompts with K = 4 (theirs: about 33k prompts with
+  K from 4 to 9), seen once (64 steps of 16 prompts), which fits the CPU budget of the whole pipeline.
+- Repeated samples: K draws from a small model often repeat a response word for word. The labeler sees
+  each distinct response once; a repeat is an absent candidate (rank -1), since an identical pair
+  carries no preference (the rule data.py applies to pairwise files).
+- Normalisation: InstructGPT adds a bias so that labeler demonstrations score 0 on average. We save the
+  mean and standard deviation of the scores on SFT samples (`extra["reward_mean"]`, `["reward_std"]`),
+  and minirlhf.reward scales with both, so the PPO stage starts at reward ~ 0 with unit spread.
+
+    python train_rm.py                                       # built-in task, after train_sft.py; ~100 CPU-seconds
+    python train_rm.py --data hh.jsonl --device cuda --batch-size 32 --max-steps 2000 --eval-interval 200
+
+Reports held-out pairwise accuracy (the preferred response scores higher) against the labeler's noisy
+ranks (`acc_labels`), and on the built-in task against the gold judge on the pairs whose gold rewards
+differ (`acc_gold`: what the later stages rely on). Writes out/rm/ckpt.pt (kind "scalar") and
+out/rm/metrics.jsonl.
 """
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
+
+from minirlhf import task
+from minirlhf.checkpoint import load_model, save_checkpoint
+from minirlhf.cli import Log, arg, parse_args
+from minirlhf.data import PairRecord, RankRecord, join_prompt_response, read_jsonl, truncate_prompt
+from minirlhf.evaluate import encode_prompts, sample_responses
+from minirlhf.model import ScalarHead
+from minirlhf.ops import gather_last
+from minirlhf.tokenizer import encode_prompt, encode_response, eos_id, get_encoding
+
+
+@dataclass
+class Args:
+    """Reward modelling on rankings of K responses per prompt."""
+    out: str = arg("out/rm", "output folder for the checkpoint and metrics.jsonl")
+    init: str = arg("out/sft", "the SFT checkpoint: its trunk starts the reward model (and, on the built-in task, "
+                    "it writes the candidates)")
+    data: str = arg("", "JSONL of pairwise {prompt, chosen, rejected}, K-way {prompt, responses, ranks} or "
+                    "HH-RLHF records; '' = the built-in task")
+    k: int = arg(4, "built-in task: responses sampled per prompt and ranked together")
+    n_prompts: int = arg(1024, "built-in task: training prompts to sample and rank K responses for")
+    eval_prompts: int = arg(300, "held-out prompts (built-in task) or validation records (--data) for accuracy")
+    label_temperature: float = arg(task.LABEL_TEMPERATURE, "built-in task: labeler noise (0 = the gold order)")
+    temperature: float = arg(1.0, "sampling temperature of the candidates (and of the samples for the statistics)")
+    max_new_tokens: int = arg(48, "response length limit when sampling")
+    seed: int = arg(1337, "random seed")
+    device: str = arg("auto", "cpu | cuda | auto")
+    dtype: str = arg("auto", "float32 | bfloat16 (autocast, CUDA) | auto")
+    compile: bool = arg(False, "torch.compile the model (GPU)")
+    lr: float = arg(3e-4, "peak learning rate (linear warmup, cosine decay to lr/10)")
+    warmup_steps: int = arg(10, "learning-rate warmup")
+    weight_decay: float = arg(0.1, "AdamW weight decay on matrices")
+    grad_clip: float = arg(1.0, "clip the gradient norm to this")
+    batch_size: int = arg(16, "prompts per step, each with all its K candidates (B*K sequences)")
+    max_steps: int = arg(64, "optimisation steps (64 x 16 prompts: one epoch over the default 1024)")
+    eval_interval: int = arg(32, "held-out accuracy every this many steps")
 
 
 def ranking_loss(rewards: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
@@ -42,5 +116,268 @@ def ranking_loss(rewards: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
     return (per_prompt * has_pairs).sum() / has_pairs.sum().clamp(min=1.0)
 
 
+def pairwise_accuracy(scores: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
+    """Fraction of ranked pairs that the scores put in the same order.
+
+        acc = #{(b, i, j) in P : s[b, i] > s[b, j]} / |P|,    P = {(b, i, j) : 0 <= rank[b, i] < rank[b, j]}
+
+    s = `scores` (B, K); rank = `ranks` (B, K) int64 with ranking_loss's conventions (0 is best, equal
+    ranks form no pair, negative = absent). Pooled over all pairs of all prompts; a tie in score counts
+    as wrong, so a constant model scores 0, not 0.5. NaN when there is no pair. Returns a 0-dim tensor.
+    """
+    pairs = (ranks[:, :, None] >= 0) & (ranks[:, :, None] < ranks[:, None, :])  # (B, K, K)
+    correct = pairs & (scores[:, :, None] > scores[:, None, :])                 # (B, K, K)
+    return correct.sum() / pairs.sum()
+
+
+def ranks_from_values(values: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """Ranks (B, K) of values (B, K), largest first: rank[b, i] = #{present j : v[b, j] > v[b, i]}.
+
+    Equal values share a rank (a tie forms no pair); absent candidates (present = 0) get -1. Turns the
+    gold rewards into ranks, so `pairwise_accuracy(scores, ranks_from_values(gold, present))` counts
+    exactly the pairs whose gold rewards differ.
+    """
+    beats = (values[:, None, :] > values[:, :, None]) & present[:, None, :].bool()  # [b, i, j]: v_j > v_i
+    return torch.where(present.bool(), beats.sum(-1), -1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Plumbing: ranked candidates -> padded batches
+
+
+@dataclass
+class Ranked:
+    """One prompt with its candidate responses (token ids, EOS included) and their ranks (0 best, -1 absent)."""
+    prompt: str
+    prompt_ids: list[int]
+    responses: list[list[int]]
+    texts: list[str]
+    ranks: list[int]
+    gold: list[float] | None = None  # the judge's rewards (built-in task only)
+
+
+def rm_batch(groups: list[Ranked], K: int, pad_id: int, block_size: int):
+    """B groups -> ids, attention_mask, response_mask (B*K, T), ranks (B, K) int64, n_truncated.
+
+    Row b*K + k is candidate k of prompt b in the layout generation produces (join_prompt_response:
+    prompt left-padded, response right-padded), so a response scores the same here as it does straight
+    out of sampling in the PPO stage. A group with fewer than K candidates is filled with absent ones (a
+    lone pad token under rank -1, which ranking_loss ignores).
+
+    Every row's response starts after the longest prompt, so the batch needs P + R <= block_size: a
+    response keeps at most block_size - 1 tokens (its start; it loses its EOS), and every prompt keeps
+    at most block_size - R (its end: the question and the "Assistant:" cue matter most). n_truncated
+    counts the rows cut either way. Nothing is cut on the built-in task.
+    """
+    prompts, responses, ranks, n_truncated = [], [], [], 0
+    for g in groups:
+        fill = K - len(g.responses)
+        prompts += [g.prompt_ids] * K
+        responses += list(g.responses) + [[pad_id]] * fill
+        ranks.append(list(g.ranks) + [-1] * fill)
+    R = min(block_size - 1, max(len(r) for r in responses))
+    cut_prompts, cut_responses = [], []
+    for p, r in zip(prompts, responses):
+        p_cut, was_cut = truncate_prompt(p, block_size - R)
+        n_truncated += was_cut or len(r) > R
+        cut_prompts.append(p_cut)
+        cut_responses.append(r[:R])
+    ids, attention_mask, response_mask = join_prompt_response(cut_prompts, cut_responses, pad_id)
+    return ids, attention_mask, response_mask, torch.tensor(ranks, dtype=torch.long), n_truncated
+
+
+def label_distinct(prompt: str, texts: list[str], temperature: float, rng: random.Random) -> list[int]:
+    """The labeler's ranks of K sampled responses, each distinct text shown once; repeats get -1 (absent)."""
+    distinct = list(dict.fromkeys(texts))  # first occurrences, in order
+    place = dict(zip(distinct, task.label_ranks(prompt, distinct, temperature, rng)))
+    ranks, seen = [], set()
+    for t in texts:
+        ranks.append(-1 if t in seen else place[t])
+        seen.add(t)
+    return ranks
+
+
 if __name__ == "__main__":
-    raise SystemExit("training loop: written by the lead")
+    args = parse_args(Args)
+    t_begin = time.time()
+
+    # ---- device, dtype, seed ----------------------------------------------------------------------
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
+    dtype = ("bfloat16" if device == "cuda" else "float32") if args.dtype == "auto" else args.dtype
+    autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=(dtype == "bfloat16" and device == "cuda"))
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    # ---- the SFT model: it writes the candidates, then its trunk becomes the reward model's ---------
+    policy, ck = load_model(args.init, device)
+    if ck["kind"] != "lm":
+        raise SystemExit(f"{args.init}: a {ck['kind']!r} checkpoint; --init takes the SFT model (train_sft.py)")
+    enc = get_encoding(ck["tokenizer"])
+    block_size, pad = policy.config.block_size, eos_id(enc)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    max_prompt = block_size - args.max_new_tokens  # the prompt budget sampling uses, here and in PPO
+
+    def sample_groups(prompts, label_rng):
+        """K SFT samples per prompt, ranked by the simulated labeler."""
+        flat = [p for p in prompts for _ in range(args.k)]
+        out = sample_responses(policy, enc, flat, args.max_new_tokens, temperature=args.temperature,
+                               generator=gen, device=device)
+        prompt_ids, _ = encode_prompts(enc, prompts, max_prompt)  # as sampling cut them (it never does here)
+        groups = []
+        for b, p in enumerate(prompts):
+            candidates = out[b * args.k:(b + 1) * args.k]
+            texts, ids = [t for t, _ in candidates], [r for _, r in candidates]
+            ranks = label_distinct(p, texts, args.label_temperature, label_rng)
+            groups.append(Ranked(p, prompt_ids[b], ids, texts, ranks, [task.judge(p, t) for t in texts]))
+        return groups
+
+    def record_group(r):
+        if isinstance(r, PairRecord):
+            responses, ranks = [r.chosen, r.rejected], [0, 1]
+        elif isinstance(r, RankRecord):
+            responses, ranks = r.responses, r.ranks
+        else:
+            raise SystemExit(f"{args.data}: {type(r).__name__}s carry no preference; the reward model needs "
+                             "pairwise, K-way or HH-RLHF records")
+        ids = [encode_response(enc, x) for x in responses]
+        return Ranked(r.prompt, encode_prompt(enc, r.prompt), ids, list(responses), list(ranks))
+
+    # ---- data: K ranked candidates per prompt ------------------------------------------------------
+    t0 = time.time()
+    policy.eval()
+    if args.data:
+        records = read_jsonl(args.data, "auto")
+        random.Random(args.seed).shuffle(records)
+        n_val = max(1, len(records) // 20)
+        val_groups = [record_group(r) for r in records[:n_val][: args.eval_prompts]]
+        train_groups = [record_group(r) for r in records[n_val:]]
+        # The statistics that normalise the reward are taken on what PPO will score: SFT samples, one per
+        # prompt of the file. Draw them now, before training turns the policy's trunk into the reward model's.
+        stat_prompts = [r.prompt for r in records[: args.eval_prompts]]
+        samples = sample_responses(policy, enc, stat_prompts, args.max_new_tokens, temperature=args.temperature,
+                                   generator=gen, device=device)
+        stat_ids, _ = encode_prompts(enc, stat_prompts, max_prompt)
+        stat_groups = [Ranked(p, ids, [r], [text], [0]) for p, ids, (text, r) in zip(stat_prompts, stat_ids, samples)]
+    else:
+        prompts = random.Random(args.seed).sample(task.train_prompts(), args.n_prompts)
+        train_groups = sample_groups(prompts, random.Random(args.seed + 1))
+        val_groups = sample_groups(task.heldout_prompts()[: args.eval_prompts], random.Random(args.seed + 2))
+        stat_groups = val_groups  # every held-out candidate is an SFT sample, repeats included
+    K = max(len(g.responses) for g in train_groups + val_groups)
+    sample_seconds = time.time() - t0
+    n_pairs = sum(sum(0 <= a < b for a in g.ranks for b in g.ranks) for g in train_groups)
+    print(f"data: {len(train_groups)} train, {len(val_groups)} held-out prompts, K = {K}, "
+          f"{n_pairs} training pairs ({sample_seconds:.0f} s)")
+    val_ranks = torch.tensor([g.ranks + [-1] * (K - len(g.ranks)) for g in val_groups])  # (N, K)
+    if not args.data:
+        # Gold ranks over the same candidates the labeler saw; rounding makes equal-looking totals
+        # (different criteria summing to the same reward) tie rather than differ by 1e-16.
+        gold = torch.tensor([g.gold for g in val_groups], dtype=torch.float64).round(decimals=6)
+        val_gold_ranks = ranks_from_values(gold, val_ranks >= 0)
+        # How well the noisy labels themselves follow the gold order: what the reward model learns from.
+        labels_vs_gold = pairwise_accuracy(-val_ranks.float(), val_gold_ranks).item()
+        print(f"held-out labels agree with the gold order on {labels_vs_gold:.3f} of the gold-differing pairs")
+
+    # ---- the reward model ---------------------------------------------------------------------------
+    model = ScalarHead(policy).to(device).train()  # the head is the only new parameter: Linear(n_embd, 1)
+    del policy  # its trunk now belongs to the reward model and is trained
+    print(f"reward model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, tokenizer {enc.name}, "
+          f"device {device}, dtype {dtype}")
+
+    def get_batch(groups):
+        ids, attn, resp, ranks, n_cut = rm_batch(groups, K, pad, block_size)
+        return ids.to(device), attn.to(device), resp.to(device), ranks.to(device), n_cut
+
+    @torch.no_grad()
+    def scores_of(groups):
+        """Scores (N, K) of every candidate of every group, in batches."""
+        model.eval()
+        out = []
+        for i in range(0, len(groups), args.batch_size):
+            ids, attn, resp, ranks, _ = get_batch(groups[i:i + args.batch_size])
+            with autocast:
+                out.append(gather_last(model(ids, attn), resp).float().view(ranks.shape).cpu())
+        model.train()
+        return torch.cat(out)
+
+    def evaluate_rm():
+        scores = scores_of(val_groups)
+        metrics = dict(val_loss=ranking_loss(scores, val_ranks).item(),
+                       acc_labels=pairwise_accuracy(scores, val_ranks).item())
+        if not args.data:
+            metrics["acc_gold"] = pairwise_accuracy(scores, val_gold_ranks).item()
+        return metrics, scores
+
+    # ---- optimizer --------------------------------------------------------------------------------
+    decay = [p for p in model.parameters() if p.dim() >= 2]       # matrices and embeddings decay,
+    no_decay = [p for p in model.parameters() if p.dim() < 2]     # biases and LayerNorm gains do not
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=args.lr, betas=(0.9, 0.95), fused=(device == "cuda"))
+
+    def lr_at(step):
+        if step < args.warmup_steps:
+            return args.lr * (step + 1) / args.warmup_steps
+        progress = (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps)
+        return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    train_model = torch.compile(model) if args.compile else model
+    log = Log(args.out)
+    n_truncated = 0
+    data_rng = random.Random(args.seed)
+    order = []
+
+    # ---- training loop ----------------------------------------------------------------------------
+    t_start = time.time()
+    for step in tqdm(range(args.max_steps), desc="rm", dynamic_ncols=True, disable=None):
+        t0 = time.time()
+        for g in optimizer.param_groups:
+            g["lr"] = lr_at(step)
+        if len(order) < args.batch_size:  # epochs: every prompt once, in a fresh order each pass
+            order += data_rng.sample(range(len(train_groups)), len(train_groups))
+        batch, order = [train_groups[i] for i in order[:args.batch_size]], order[args.batch_size:]
+        ids, attn, resp, ranks, n_cut = get_batch(batch)
+        n_truncated += n_cut
+        with autocast:
+            values = train_model(ids, attn)                               # (B*K, T): a scalar per position
+        # the score of a candidate is its scalar at the last response token (its EOS when it has one)
+        rewards = gather_last(values, resp).float().view(ranks.shape)    # (B, K)
+        # loss = mean over prompts of mean over ranked pairs (i above j) of -log sigmoid(r_i - r_j)
+        loss = ranking_loss(rewards, ranks)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        evaluate_now = step % args.eval_interval == 0 or step == args.max_steps - 1
+        if step % 10 == 0 or evaluate_now:
+            metrics = dict(loss=loss.item(), acc=pairwise_accuracy(rewards.detach(), ranks).item(),
+                           grad_norm=grad_norm.item(), lr=lr_at(step), ms=(time.time() - t0) * 1000)
+            if evaluate_now:
+                val_metrics, val_scores = evaluate_rm()  # the last step's is the final evaluation
+                metrics.update(val_metrics)
+            log(step, print_line=evaluate_now, **metrics)
+    if n_truncated:
+        print(f"note: {n_truncated} training rows were truncated to fit block_size {block_size}")
+    train_seconds = time.time() - t_start
+    epochs = args.max_steps * args.batch_size / len(train_groups)
+
+    # ---- final evaluation and save ----------------------------------------------------------------
+    stat_scores = val_scores if stat_groups is val_groups else scores_of(stat_groups)[:, :1]
+    extra = dict(reward_mean=stat_scores.mean().item(), reward_std=stat_scores.std().item(),
+                 accuracy_vs_labels=val_metrics["acc_labels"], accuracy_vs_gold=val_metrics.get("acc_gold"),
+                 val_loss=val_metrics["val_loss"], train_seconds=train_seconds, sample_seconds=sample_seconds,
+                 epochs=epochs)
+    if not args.data:
+        extra["labels_vs_gold"] = labels_vs_gold
+        for g, s in zip(val_groups[:3], val_scores):
+            print(f"  {g.prompt!r}")
+            for k in sorted(range(len(g.texts)), key=lambda k: -s[k].item()):
+                print(f"      score {s[k].item():+.2f}  gold {g.gold[k]:+.2f}  rank {g.ranks[k]:2d}  {g.texts[k]!r}")
+    print(f"held-out accuracy: vs labels {val_metrics['acc_labels']:.4f}"
+          + (f" | vs gold {val_metrics['acc_gold']:.4f}" if "acc_gold" in val_metrics else "")
+          + f" | SFT-sample scores: mean {extra['reward_mean']:+.3f} std {extra['reward_std']:.3f}")
+    save_checkpoint(args.out, model, enc.name, asdict(args), args.max_steps, extra)
+    print(f"saved {args.out}/ckpt.pt after {train_seconds:.0f} s of training ({epochs:.1f} epochs), "
+          f"{time.time() - t_begin:.0f} s in all")

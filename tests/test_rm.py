@@ -1,0 +1,147 @@
+"""The reward-model stage: where a score is read, the batch layout, and a smoke run after SFT.
+
+- A response's score, read at its last response token, does not depend on the batch: scored alone it
+  equals the score it gets beside neighbours with longer prompts and responses (left and right padding)
+  and absent candidates, to 1e-5.
+- `pairwise_accuracy` and `ranks_from_values` against hand-counted pairs (ties form no pair, absent
+  candidates are ignored); the labeler sees each distinct sample once and repeats are absent.
+- `rm_batch` truncation: over-long rows fit the block, prompts lose their start, and are counted.
+- Subprocess runs of train_sft.py -> train_rm.py with tiny configs, on the built-in task and on a
+  pairwise JSONL file: the checkpoint loads as a scalar model with the statistics and accuracies that
+  minirlhf.reward and the README read.
+
+Run: python -m pytest -q tests/test_rm.py
+"""
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from minirlhf.model import GPT, GPTConfig, ScalarHead
+from minirlhf.ops import gather_last
+from train_rm import Ranked, label_distinct, pairwise_accuracy, ranks_from_values, rm_batch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAD = 256  # the bytes encoding's EOS, also the pad id
+
+
+def group(prompt_len, response_lens, seed):
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, 256, (prompt_len,), generator=g).tolist()
+    responses = [torch.randint(0, 256, (n - 1,), generator=g).tolist() + [PAD] for n in response_lens]
+    return Ranked("", prompt, responses, [""] * len(responses), list(range(len(responses))))
+
+
+def test_score_does_not_depend_on_padding_or_batch():
+    torch.manual_seed(0)
+    rm = ScalarHead(GPT(GPTConfig(block_size=64, vocab_size=257, n_layer=2, n_head=2, n_embd=32))).eval()
+    target = group(5, [3], seed=1)
+    neighbours = [group(17, [9, 2, 14], seed=2), group(2, [20], seed=3)]  # longer prompts and responses, K < 3
+
+    def scores(groups, K):
+        ids, attn, resp, ranks, n_cut = rm_batch(groups, K, PAD, 64)
+        assert n_cut == 0
+        with torch.no_grad():
+            return gather_last(rm(ids, attn), resp).view(ranks.shape)  # (B, K)
+
+    alone = scores([target], 1)[0, 0]
+    batched = scores([neighbours[0], target, neighbours[1]], 3)
+    torch.testing.assert_close(batched[1, 0], alone, atol=1e-5, rtol=0)
+    # the same row again, unpadded and read by hand at its last token
+    row = torch.tensor([target.prompt_ids + target.responses[0]])
+    with torch.no_grad():
+        torch.testing.assert_close(rm(row)[0, -1], alone, atol=1e-5, rtol=0)
+
+
+def test_rm_batch_layout_and_absent_candidates():
+    ids, attn, resp, ranks, _ = rm_batch([group(4, [2, 3], 0), group(6, [1], 1)], 2, PAD, 64)
+    assert ids.shape == (4, 6 + 3) and ranks.tolist() == [[0, 1], [0, -1]]
+    assert (resp.sum(1) == torch.tensor([2, 3, 1, 1])).all()  # the absent candidate is one pad token
+    assert (gather_last(ids, resp) == PAD).all()  # the score position is each response's EOS
+    assert attn[0, :2].sum() == 0 and attn[0, 2:].sum() == 4 + 2  # a shorter prompt is left-padded...
+    assert resp[0, 6:8].sum() == 2 and attn[0, 8] == 0  # ...its response starts after the longest one
+
+
+def test_rm_batch_truncates_prompts_from_the_left():
+    long = group(50, [30, 10], 0)
+    ids, attn, resp, _, n_cut = rm_batch([long], 2, PAD, 64)
+    assert ids.shape[1] == 64 and n_cut == 2
+    kept = ids[0][attn[0].bool() & ~resp[0].bool()].tolist()
+    assert kept == long.prompt_ids[-(64 - 30):]  # the end of the prompt survives
+    _, _, resp, _, n_cut = rm_batch([group(3, [80], 1)], 1, PAD, 64)
+    assert n_cut == 1 and resp.sum() == 63  # a response longer than the block keeps its start
+
+
+def test_pairwise_accuracy_and_gold_ranks():
+    scores = torch.tensor([[3.0, 1.0, 2.0, 0.0], [1.0, 1.0, 5.0, 9.0]])
+    ranks = torch.tensor([[0, 1, 2, -1], [0, 1, 1, -1]])
+    # prompt 0 pairs: (0,1) ok, (0,2) ok, (1,2) wrong; prompt 1: (0,1) score tie counts wrong, (0,2) wrong
+    assert pairwise_accuracy(scores, ranks).item() == pytest.approx(2 / 5)
+    gold = torch.tensor([[0.5, -1.0, 0.5, 9.0]], dtype=torch.float64)
+    present = torch.tensor([[1, 1, 1, 0]])
+    assert ranks_from_values(gold, present).tolist() == [[0, 2, 0, -1]]  # ties share a rank; absent is -1
+    assert pairwise_accuracy(-gold, ranks_from_values(gold, present)).item() == 0.0  # reversed order
+    assert torch.isnan(pairwise_accuracy(scores[:1], torch.tensor([[0, 0, -1, -1]])))  # no pair
+
+
+def test_labeler_sees_each_distinct_sample_once():
+    prompt = "What is 3 + 4?"
+    texts = ["Sure! 7", "Ugh. 7", "Sure! 7", "Sure! 7"]
+    ranks = label_distinct(prompt, texts, 0.0, random.Random(0))
+    assert ranks == [0, 1, -1, -1]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Smoke runs
+
+def run(script, *flags):
+    out = subprocess.run([sys.executable, os.path.join(ROOT, script), *flags], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    return out.stdout
+
+
+RM_TINY = ["--eval-prompts", "4", "--max-steps", "2", "--batch-size", "4", "--max-new-tokens", "8"]
+
+
+@pytest.fixture(scope="module")
+def sft(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("chain") / "sft")
+    run("train_sft.py", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "96", "--max-steps", "3",
+        "--n-demos", "64", "--eval-prompts", "8", "--max-new-tokens", "8", "--batch-size", "8", "--out", path)
+    return path
+
+
+def check_reward_model(path, gold):
+    from minirlhf.checkpoint import load_model
+    from minirlhf.reward import load_reward_models
+    model, ck = load_model(path)
+    assert ck["kind"] == "scalar" and isinstance(model, ScalarHead)
+    extra = ck["extra"]
+    assert {"reward_mean", "reward_std", "accuracy_vs_labels", "accuracy_vs_gold", "train_seconds"} <= set(extra)
+    assert extra["reward_std"] > 0 and (extra["accuracy_vs_gold"] is not None) == gold
+    [rm] = load_reward_models([path])
+    assert (rm.mean, rm.std) == (extra["reward_mean"], extra["reward_std"])
+    rows = [json.loads(line) for line in open(os.path.join(path, "metrics.jsonl"))]
+    assert {"loss", "acc", "val_loss", "acc_labels"} <= set(rows[-1]) and ("acc_gold" in rows[-1]) == gold
+
+
+def test_smoke_builtin_task(sft, tmp_path):
+    out = run("train_rm.py", "--init", sft, "--n-prompts", "8", *RM_TINY, "--out", str(tmp_path / "rm"))
+    assert "held-out accuracy: vs labels" in out
+    check_reward_model(str(tmp_path / "rm"), gold=True)
+
+
+def test_smoke_pairwise_file(sft, tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    with open(data, "w") as f:
+        for a in range(10):
+            record = {"prompt": f"What is {a} + 2?", "chosen": f"Sure! {a + 2}", "rejected": f"Ugh. {a + 3}"}
+            f.write(json.dumps(record) + "\n")
+    run("train_rm.py", "--init", sft, "--data", str(data), *RM_TINY, "--out", str(tmp_path / "rm"))
+    check_reward_model(str(tmp_path / "rm"), gold=False)
