@@ -3,10 +3,101 @@
 No critic, no reference model, no RL loop: sample K candidate responses per prompt, score them with the
 reward model, and train the policy so that its length-normalised log-likelihoods rank the candidates
 in the reward model's order, plus SFT on the best candidate (Yuan et al. 2023, "RRHF: Rank Responses to
-Align Language Models with Human Feedback without tears", Sec. 3).
+Align Language Models with Human Feedback without tears", Sec. 3). `rrhf_loss` below is the whole
+algorithm; the rest of the file is plumbing:
+
+    for each round (--rounds, 1 by default):
+        sample K - d candidates per prompt from the current policy (round 1: the SFT model itself) for
+        --n-prompts prompts, join them with each prompt's d dataset responses (--data), score all K
+        with the reward model(s)
+        for max_steps / rounds steps: B prompts of that pool -> policy log-probs (B, K, T) -> rrhf_loss
+
+With one round every sampled candidate comes from the SFT model and the training is offline: a fixed
+pool of scored candidates, seen for a few epochs. More rounds resample from the policy being trained
+(the paper's iterative variant); each round chases the reward model further from the data it was
+trained on, so watch the gold reward, not the RM reward, when trying it.
+
+Models in memory. RRHF needs the policy and the reward model, and the reward model only to score
+the candidates: with one round it could be freed before the first step, the paper's "1 to 2 models".
+There is no reference model because the loss never asks for one; the SFT term on the best candidate is
+what keeps the policy on good text, where PPO needs a KL penalty to a frozen copy. This script does hold
+a third model, a frozen copy of the SFT model, but only to *report* the KL to it (`kl` and the final
+evaluation; built-in task only): the training is the same without it. The checkpoint records both
+counts (`models_in_memory`, `models_needed`).
+
+Deviations from the paper:
+- L_ft is a token mean (see `rrhf_loss`), so that with K = 1 RRHF is exactly SFT.
+- Every candidate, dataset responses included, is scored by the reward model; the dataset's ranks or
+  chosen/rejected labels are not read. A prompt whose record holds fewer responses gets more policy
+  samples, so that every prompt has the same K and a batch is one (B, K, T) tensor.
+- Candidates are the policy's own samples at temperature 1; the paper also ranks other models' and
+  people's responses (pass those with --data). A tiny model's samples often repeat: identical
+  candidates get identical scores, and tied rewards form no pair.
+
+Logged every 10 steps (metrics.jsonl; printed): `loss` = `rank_loss` + `sft_loss` (L_rank and L_ft of the
+batch); `rank_acc`, the share of the batch's reward-ordered pairs whose scores p_i the policy already
+orders; `rm_reward` and `gold_reward`, the mean reward-model and gold (task.judge) scores of the batch's
+candidates, and `gold_reward_best`, the gold of the candidate the RM ranks first (what L_ft imitates).
+With one round the candidates are fixed, so these last three measure the pool, not progress; progress
+is every --eval-interval steps, from the policy's own samples on held-out prompts: `eval_gold_reward`,
+`eval_rm_reward` and `kl` (the summed log-ratio to the SFT model per response, a k1 estimate).
+
+    python train_rrhf.py                                     # built-in task, CPU, about 1.5 minutes
+    python train_rrhf.py --rounds 2 --max-steps 240          # the iterative variant
+    python train_rrhf.py --init out/sft --reward-model out/rm --data hh.jsonl --device cuda \\
+        --batch-size 32 --n-prompts 8192 --max-steps 2000 --max-new-tokens 128              # one GPU
+
+Reads out/sft (policy init and the KL reference) and out/rm (`--reward-model PATH[:WEIGHT]`, repeatable);
+writes out/rrhf/ckpt.pt and out/rrhf/metrics.jsonl. On the built-in task, reports the held-out mean gold
+reward with its standard error, the RM reward and the KL to the SFT model, next to the SFT model's gold.
 """
 
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+
 import torch
+from tqdm import tqdm
+
+from minirlhf import task
+from minirlhf.checkpoint import load_model, save_checkpoint
+from minirlhf.cli import Log, arg, parse_args, peak_memory_mb
+from minirlhf.data import PairRecord, RankRecord, SFTRecord, join_prompt_response, read_jsonl
+from minirlhf.evaluate import encode_prompts, evaluate, sample_responses, score
+from minirlhf.ops import masked_mean, token_logprobs
+from minirlhf.reward import load_reward_models
+from minirlhf.tokenizer import encode_response, eos_id, get_encoding
+
+
+@dataclass
+class Args:
+    """RRHF: rank sampled responses by reward-model score."""
+    out: str = arg("out/rrhf", "output folder for the checkpoint and metrics.jsonl")
+    init: str = arg("out/sft", "the SFT checkpoint: the policy starts here, and it is the KL reference")
+    reward_model: list = arg(["out/rm"], "reward model checkpoint PATH[:WEIGHT]; several are summed with weights")
+    data: str = arg("", "JSONL of prompts (prompts, sft, pairwise, kway or hh records, whose responses join the "
+                        "candidates); '' = the built-in task's training prompts")
+    seed: int = arg(1337, "random seed")
+    device: str = arg("auto", "cpu | cuda | auto")
+    dtype: str = arg("auto", "float32 | bfloat16 (autocast, CUDA) | auto")
+    compile: bool = arg(False, "torch.compile the model (GPU)")
+    lr: float = arg(3e-4, "peak learning rate (linear warmup, cosine decay to lr/10)")
+    warmup_steps: int = arg(10, "learning-rate warmup")
+    weight_decay: float = arg(0.0, "AdamW weight decay on matrices")
+    grad_clip: float = arg(1.0, "clip the gradient norm to this")
+    batch_size: int = arg(8, "prompts per step (each with K candidates: batch_size * K sequences)")
+    k: int = arg(4, "K, candidates per prompt: the record's dataset responses (--data), then policy samples up to K")
+    length_penalty: float = arg(1.0, "alpha in p_i = sum log pi / len**alpha (1: mean log-prob per token)")
+    temperature: float = arg(1.0, "sampling temperature of the candidates")
+    rounds: int = arg(1, "sample candidates this many times, each time from the current policy (1: SFT model only)")
+    n_prompts: int = arg(256, "prompts whose candidates are sampled and scored, each round")
+    max_steps: int = arg(120, "optimisation steps, split evenly over the rounds")
+    eval_interval: int = arg(40, "sample the policy on held-out prompts every this many steps: gold, RM reward, KL")
+    monitor_prompts: int = arg(64, "built-in task: held-out prompts for those interval samples")
+    eval_prompts: int = arg(300, "built-in task: held-out prompts for the final evaluation")
+    max_new_tokens: int = arg(48, "response length limit when sampling")
+    gen_batch_size: int = arg(256, "sequences sampled (or scored) at once")
 
 
 def rrhf_loss(
@@ -57,4 +148,182 @@ def rrhf_loss(
 
 
 if __name__ == "__main__":
-    raise SystemExit("training loop: written by the lead")
+    args = parse_args(Args)
+
+    # ---- device, dtype, seed ----------------------------------------------------------------------
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
+    dtype = ("bfloat16" if device == "cuda" else "float32") if args.dtype == "auto" else args.dtype
+    autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=(dtype == "bfloat16" and device == "cuda"))
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    data_rng = random.Random(args.seed)                           # which prompts each round, batch order
+    gen = torch.Generator(device=device).manual_seed(args.seed)   # the candidates' sampling
+
+    # ---- models: the policy and the reward model(s); the SFT copy only measures KL -----------------
+    model, ck = load_model(args.init, device)
+    enc = get_encoding(ck["tokenizer"])
+    model.train()
+    rms = load_reward_models(args.reward_model, device)
+    for rm in rms:
+        if rm.tokenizer != enc.name:
+            raise SystemExit(f"{rm.path}: tokenizer {rm.tokenizer!r} differs from the policy's {enc.name!r}")
+    builtin = not args.data  # gold reward, held-out prompts and the KL reference: built-in task only
+    sft_model = load_model(args.init, device)[0].requires_grad_(False) if builtin else None
+    print(f"policy: {model.num_params() / 1e6:.2f}M parameters from {args.init}, tokenizer {enc.name}, device {device}, "
+          f"dtype {dtype} | reward: " + " + ".join(f"{rm.weight:g} * {rm.path}" for rm in rms))
+
+    # ---- prompts, and the dataset responses that join the sampled candidates ------------------------
+    if args.data:
+        def responses(r):
+            if isinstance(r, SFTRecord):
+                return [r.response]
+            if isinstance(r, PairRecord):  # pairwise and HH records; the label is not read, the RM scores both
+                return [r.chosen, r.rejected]
+            return list(r.responses) if isinstance(r, RankRecord) else []  # PromptRecord: sampled candidates only
+        records = [(r.prompt, responses(r)) for r in read_jsonl(args.data, "auto")]
+    else:
+        records = [(p, []) for p in task.train_prompts()]
+    # Every prompt gets K candidates (its own dataset responses, then policy samples), so a batch is (B, K, T).
+    K = max(args.k, max(len(resp) for _, resp in records))
+    if K < 1 or not 1 <= args.rounds <= args.max_steps:
+        raise SystemExit("need --k >= 1 and 1 <= --rounds <= --max-steps")
+    max_prompt = model.config.block_size - args.max_new_tokens     # prompts are cut from the left to fit
+    print(f"data: {len(records)} prompts, K = {K} candidates per prompt")
+
+    @torch.no_grad()
+    def collect(batch):
+        """K scored candidates for each (prompt, dataset responses) in `batch` -> prompt ids (N lists),
+        response ids (N * K lists, EOS included), rewards (N, K), gold (N, K) or None."""
+        model.eval()
+        to_sample = [p for p, resp in batch for _ in range(K - len(resp))]
+        samples = iter(sample_responses(model, enc, to_sample, args.max_new_tokens, args.gen_batch_size,
+                                        args.temperature, generator=gen, device=device))
+        texts, ids = [], []
+        for p, resp in batch:
+            # a dataset response gets the policy's length cap, so prompt + response always fits the context
+            texts += resp
+            ids += [encode_response(enc, r)[: args.max_new_tokens] for r in resp]
+            for _ in range(K - len(resp)):
+                text, r = next(samples)
+                texts.append(text)
+                ids.append(r)
+        prompts = [p for p, _ in batch for _ in range(K)]
+        rewards = score(rms, enc, prompts, ids, max_prompt, args.gen_batch_size, device).view(-1, K)  # (N, K)
+        gold = torch.tensor([task.judge(p, t) for p, t in zip(prompts, texts)]).view(-1, K) if builtin else None
+        model.train()
+        return encode_prompts(enc, [p for p, _ in batch], max_prompt)[0], ids, rewards, gold
+
+    def get_batch(idx):
+        """Prompts idx of the round's pool -> tokens, attention_mask, response_mask (B * K, T), rewards (B, K)."""
+        P = [prompt_ids[i] for i in idx for _ in range(K)]
+        R = [response_ids[i * K + k] for i in idx for k in range(K)]
+        # prompts left-padded, responses right-padded (pad = EOS under mask 0): the layout generation produced
+        tokens, attn, mask = join_prompt_response(P, R, eos_id(enc))
+        return tokens.to(device), attn.to(device), mask.to(device), rewards[idx].to(device)
+
+    # ---- optimizer --------------------------------------------------------------------------------
+    decay = [p for p in model.parameters() if p.dim() >= 2]       # matrices and embeddings decay,
+    no_decay = [p for p in model.parameters() if p.dim() < 2]     # biases and LayerNorm gains do not
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=args.lr, betas=(0.9, 0.95), fused=(device == "cuda"))
+
+    def lr_at(step):
+        if step < args.warmup_steps:
+            return args.lr * (step + 1) / args.warmup_steps
+        progress = (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps)
+        return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    train_model = torch.compile(model) if args.compile else model
+    log = Log(args.out)
+
+    # ---- training loop ----------------------------------------------------------------------------
+    t_start = time.time()
+    round_, order = -1, []
+    for step in tqdm(range(args.max_steps), desc="rrhf", dynamic_ncols=True, disable=None):
+        if step * args.rounds // args.max_steps > round_:
+            # ---- a new round: candidates from the current policy (round 1: still the SFT model), scored
+            round_ += 1
+            t0 = time.time()
+            pool = data_rng.sample(records, min(args.n_prompts, len(records)))
+            prompt_ids, response_ids, rewards, gold = collect(pool)
+            order = []
+            best = rewards.argmax(1, keepdim=True)  # the candidate L_ft trains on
+            line = (f"round {round_ + 1}/{args.rounds} | {len(pool)} prompts x {K} candidates | {time.time() - t0:.1f} s "
+                    f"| rm_reward {rewards.mean():+.3f}, best of {K} {rewards.gather(1, best).mean():+.3f}")
+            if gold is not None:
+                line += f" | gold {gold.mean():+.3f}, of the RM's best {gold.gather(1, best).mean():+.3f}"
+            print(line)
+
+        t0 = time.time()
+        for g in optimizer.param_groups:
+            g["lr"] = lr_at(step)
+        if len(order) < args.batch_size:  # a new pass over the round's prompts, in a new order
+            order = data_rng.sample(range(len(prompt_ids)), len(prompt_ids))
+        idx, order = order[: args.batch_size], order[args.batch_size:]
+        tokens, attn, resp_mask, batch_rewards = get_batch(idx)
+        with autocast:
+            logits = train_model(tokens, attn)                                   # (B*K, T, V)
+        logprobs = token_logprobs(logits, tokens).view(len(idx), K, -1)          # (B, K, T), aligned with tokens
+        mask = resp_mask.view(len(idx), K, -1)                                   # (B, K, T), 1 on response tokens
+        # L = sum_{r_i < r_j} max(0, p_i - p_j) - mean_t log pi(y_best): rank by reward, SFT on the best
+        loss = rrhf_loss(logprobs, mask, batch_rewards, args.length_penalty)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+
+        monitor = builtin and (step % args.eval_interval == 0 or step == args.max_steps - 1)
+        if step % 10 == 0 or step == args.max_steps - 1 or monitor:
+            with torch.no_grad():
+                # rrhf_loss returns L_rank + L_ft; split it for the log. L_ft = -(mean log-prob of the best).
+                r = batch_rewards
+                best = r.argmax(1, keepdim=True)                                             # (B, 1)
+                sft_term = -masked_mean(logprobs, mask, dim=-1).gather(1, best).mean()
+                # rank_acc: of the pairs with r_i < r_j, the share the policy already orders (p_i < p_j)
+                scores = (logprobs * mask).sum(-1) / mask.sum(-1).clamp(min=1) ** args.length_penalty  # (B, K)
+                pairs = r[:, :, None] < r[:, None, :]                                        # (B, K, K)
+                ordered = (scores[:, :, None] < scores[:, None, :]) & pairs
+                metrics = dict(loss=loss.item(), rank_loss=(loss - sft_term).item(), sft_loss=sft_term.item(),
+                               rank_acc=(ordered.sum() / pairs.sum().clamp(min=1)).item(), rm_reward=r.mean().item())
+                if builtin:  # the gold of the candidates, and of the one the RM ranks first
+                    batch_gold = gold[idx]                                                   # (B, K)
+                    metrics.update(gold_reward=batch_gold.mean().item(),
+                                   gold_reward_best=batch_gold.gather(1, best.cpu()).mean().item())
+                metrics.update(grad_norm=grad_norm.item(), lr=lr_at(step), ms=(time.time() - t0) * 1000)
+            if monitor:
+                # the policy's own samples on held-out prompts: what training has done so far (same seed
+                # every time, so the points differ by the policy, not by the sampling noise)
+                m, samples = evaluate(model, enc, task.heldout_prompts()[: args.monitor_prompts], args.max_new_tokens,
+                                      rms=rms, ref=sft_model, seed=args.seed, device=device)
+                model.train()
+                metrics.update(eval_gold_reward=m["gold_reward_mean"], eval_rm_reward=m["rm_reward_mean"], kl=m["kl_to_sft"])
+            log(step, **metrics)
+            if monitor:
+                for prompt, response, g in samples[:2]:
+                    print(f"  {prompt!r:42} -> {response!r} (gold {g:+.2f})")
+    train_seconds = time.time() - t_start
+
+    # ---- final evaluation and save ----------------------------------------------------------------
+    model.eval()
+    # held: the policy, the reward model(s) and the SFT copy (for the KL only); needed: the policy and the RM(s)
+    extra = {"train_seconds": train_seconds, "models_in_memory": 1 + len(rms) + (sft_model is not None),
+             "models_needed": 1 + len(rms)}
+    if builtin:
+        metrics, samples = evaluate(model, enc, task.heldout_prompts()[: args.eval_prompts], args.max_new_tokens,
+                                    rms=rms, ref=sft_model, seed=args.seed, device=device)
+        extra.update(metrics)
+        for p, r, g in samples[:6]:
+            print(f"  {p!r:42} -> {r!r} (gold {g:+.2f})")
+        print(f"held-out gold reward {metrics['gold_reward_mean']:+.4f} +- {metrics['gold_reward_sem']:.4f} "
+              f"| rm_reward {metrics['rm_reward_mean']:+.4f} | kl_to_sft {metrics['kl_to_sft']:.4f} "
+              f"| hard: correct {metrics['hard_correct_rate']:.2f} abstain {metrics['hard_abstain_rate']:.2f} "
+              f"wrong {metrics['hard_wrong_rate']:.2f}")
+        if "gold_reward_mean" in ck["extra"]:
+            print(f"SFT, as train_sft.py measured it: held-out gold reward {ck['extra']['gold_reward_mean']:+.4f} "
+                  f"+- {ck['extra']['gold_reward_sem']:.4f}")
+    extra["peak_memory_mb"] = peak_memory_mb(device)
+    save_checkpoint(args.out, model, enc.name, asdict(args), args.max_steps, extra)
+    print(f"saved {args.out}/ckpt.pt after {train_seconds:.0f} s of training")
