@@ -57,8 +57,8 @@ def plot_curves(out, stages):
         import matplotlib.pyplot as plt
     except ImportError:
         return "training curves: matplotlib is not installed (pip install matplotlib), no PNGs written"
-    keys = {"sft": ["loss", "val_loss"], "rm": ["loss", "accuracy"], "ppo": ["rm_reward", "gold_reward", "kl", "entropy"],
-            "rrhf": ["rank_loss", "sft_loss", "rm_reward", "gold_reward"]}
+    keys = {"sft": ["loss", "val_loss"], "rm": ["loss", "acc", "acc_gold"], "ppo": ["rm_reward", "gold_reward", "kl", "entropy"],
+            "rrhf": ["rank_loss", "sft_loss", "eval_gold_reward", "kl"]}
     written = []
     for stage in stages:
         path = os.path.join(out, stage, "metrics.jsonl")
@@ -90,7 +90,10 @@ def markdown_table(report):
     lines = ["| method | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for m in METHODS:
         r = report[m]
-        lines.append(f"| {m} | " + " | ".join(format(r[k], f) if isinstance(r.get(k), (int, float)) else "-" for k, _, f in cols) + " |")
+        cells = [format(r[k], f) if isinstance(r.get(k), (int, float)) else "-" for k, _, f in cols]
+        if r.get("models_needed") not in (None, r.get("models_in_memory")):  # RRHF holds an SFT copy to report KL
+            cells[[c[0] for c in cols].index("models_in_memory")] += f" ({r['models_needed']} needed)"
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
     rm = report["rm"]
     lines.append(f"\nreward model: held-out accuracy vs gold order {rm['accuracy_vs_gold']:.3f}, "
                  f"vs the noisy labels {rm['accuracy_vs_labels']:.3f}")
@@ -138,6 +141,8 @@ def main():
         extra = load_checkpoint(p(m))["extra"]
         report[m] = dict(evals[p(m)], wall_seconds=wall[m], peak_memory_mb=extra.get("peak_memory_mb"),
                          models_in_memory=extra.get("models_in_memory"), train_seconds=extra.get("train_seconds"))
+        if "models_needed" in extra:
+            report[m]["models_needed"] = extra["models_needed"]
     report["best_of_n"] = dict(bon[p("sft")], wall_seconds=wall["best_of_n"])
     rm_extra = load_checkpoint(p("rm"))["extra"]
     report["rm"] = {k: rm_extra.get(k) for k in ("accuracy_vs_gold", "accuracy_vs_labels", "reward_mean", "reward_std",
