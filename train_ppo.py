@@ -27,23 +27,24 @@ from their score; the KL coefficient is adaptive (Ziegler et al.) unless `--kl-t
     python train_ppo.py                                   # after train_sft.py and train_rm.py, CPU
     python train_ppo.py --reward-model out/rm_a:0.7 --reward-model out/rm_b:0.3   # several RMs, weighted
     python train_ppo.py --init out/sft --reward-model out/rm --device cuda --batch-size 256   # one GPU
+
+A stopped run continues with `--resume` (policy, critic, both optimizers, KL coefficient and RNGs).
 """
 
 import copy
-import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from tqdm import tqdm
 
 from minirlhf import task
-from minirlhf.checkpoint import load_model, save_checkpoint
-from minirlhf.cli import Log, arg, parse_args, peak_memory_mb
-from minirlhf.data import PromptRecord, left_pad, read_jsonl
+from minirlhf.checkpoint import load_model, remove_resume, resume_or_start, save_checkpoint, save_resume
+from minirlhf.cli import Log, arg, check_finite, parse_args, peak_memory_mb, require
+from minirlhf.data import left_pad, read_jsonl
 from minirlhf.evaluate import encode_prompts, evaluate
-from minirlhf.model import GPT, ScalarHead, generate
+from minirlhf.model import ScalarHead, generate
 from minirlhf.ops import last_index, masked_mean, masked_var, masked_whiten, token_logprobs
 from minirlhf.reward import combined_reward, load_reward_models
 from minirlhf.tokenizer import decode_response, eos_id, get_encoding
@@ -61,13 +62,15 @@ class Args:
     device: str = arg("auto", "cpu | cuda | auto")
     dtype: str = arg("auto", "float32 | bfloat16 (autocast, CUDA) | auto")
     compile: bool = arg(False, "torch.compile the policy and critic forwards (GPU)")
-    lr: float = arg(3e-4, "policy learning rate (Adam)")
+    lr: float = arg(1e-4, "policy learning rate (Adam)")
     critic_lr: float = arg(1e-3, "critic learning rate")
     batch_size: int = arg(64, "prompts (= responses) per rollout")
     minibatch_size: int = arg(32, "responses per gradient step")
     ppo_epochs: int = arg(4, "passes over each rollout")
     max_steps: int = arg(60, "PPO iterations (rollout + update)")
     eval_interval: int = arg(20, "print decoded samples every this many iterations")
+    ckpt_interval: int = arg(20, "save out/ppo/resume.pt every this many iterations, for --resume")
+    resume: bool = arg(False, "continue the run saved in --out (same arguments)")
     temperature: float = arg(1.0, "sampling temperature; log-probs are taken at the same temperature")
     max_new_tokens: int = arg(48, "response length limit")
     clip_eps: float = arg(0.2, "PPO ratio clip")
@@ -378,17 +381,16 @@ if __name__ == "__main__":
         torch.backends.cuda.matmul.allow_tf32 = True
 
     # ---- the four models --------------------------------------------------------------------------
-    policy, ck = load_model(args.init, device)
-    if ck["kind"] != "lm":
-        raise SystemExit(f"{args.init}: --init must be a language model (SFT) checkpoint")
+    policy, ck = load_model(args.init, device, kind="lm")
     enc = get_encoding(ck["tokenizer"])
+    block_size = policy.config.block_size
+    require(0 < args.max_new_tokens < block_size, f"--max-new-tokens {args.max_new_tokens} must be positive and leave "
+            f"room for a prompt in the context of {block_size} tokens")
+    require(args.critic_init in ("rm", "sft"), f"--critic-init {args.critic_init!r}: expected 'rm' or 'sft'")
     ref = copy.deepcopy(policy).eval()
     for p in ref.parameters():
         p.requires_grad_(False)
-    rms = load_reward_models(args.reward_model, device)
-    for rm in rms:
-        if rm.tokenizer != enc.name:
-            raise SystemExit(f"{rm.path}: reward model uses tokenizer {rm.tokenizer!r}, the policy {enc.name!r}")
+    rms = load_reward_models(args.reward_model, device, tokenizer=enc.name, block_size=block_size)
     if args.critic_init == "rm":
         critic = copy.deepcopy(rms[0].model)
         for p in critic.parameters():
@@ -398,8 +400,12 @@ if __name__ == "__main__":
     critic.to(device)
     # The reference and reward models must never change: keep a copy of their weights to check at the end.
     frozen_before = [{k: v.clone() for k, v in m.state_dict().items()} for m in [ref] + [rm.model for rm in rms]]
-    policy_opt = torch.optim.Adam(policy.parameters(), lr=args.lr, eps=1e-5)
-    critic_opt = torch.optim.Adam(critic.parameters(), lr=args.critic_lr, eps=1e-5)
+    policy_opt = torch.optim.Adam(policy.parameters(), lr=args.lr, eps=1e-5, fused=(device == "cuda"))
+    critic_opt = torch.optim.Adam(critic.parameters(), lr=args.critic_lr, eps=1e-5, fused=(device == "cuda"))
+    # --compile speeds up the update's forwards only: the sampler feeds the model a new shape each step.
+    # The rollout's log-probs stay eager, so the first ratio is 1 up to the compiled kernels' rounding.
+    update_policy_forward = torch.compile(policy_forward) if args.compile else policy_forward
+    update_critic_forward = torch.compile(critic_forward) if args.compile else critic_forward
     kl_ctl = AdaptiveKLController(args.kl_coef, args.kl_target, args.kl_horizon) if args.kl_target > 0 else FixedKLController(args.kl_coef)
     print(f"policy/reference {policy.num_params() / 1e6:.2f}M params, {len(rms)} reward model(s), critic from {args.critic_init}")
 
@@ -408,13 +414,23 @@ if __name__ == "__main__":
         prompts = [r.prompt for r in read_jsonl(args.data, "auto")]
     else:
         prompts = task.train_prompts()
-    if args.batch_size % args.minibatch_size:
-        raise SystemExit(f"--batch-size {args.batch_size} is not a multiple of --minibatch-size {args.minibatch_size}")
-    log = Log(args.out)
+    n_long = encode_prompts(enc, prompts, block_size - args.max_new_tokens)[1]
+    if n_long:  # the rollout cuts them from the left, keeping the question's end and the "Assistant:" cue
+        print(f"prompts: {n_long} of {len(prompts)} are longer than the {block_size - args.max_new_tokens} tokens the "
+              "context leaves them, and lose their start")
+    require(min(args.minibatch_size, args.max_steps, args.eval_interval, args.ckpt_interval, args.ppo_epochs) > 0,
+            "--minibatch-size, --max-steps, --eval-interval, --ckpt-interval and --ppo-epochs must be positive")
+    require(args.batch_size % args.minibatch_size == 0,
+            f"--batch-size {args.batch_size} is not a multiple of --minibatch-size {args.minibatch_size}")
+    # what --resume restores besides the policy's weights
+    state = dict(critic=critic, policy_opt=policy_opt, critic_opt=critic_opt, generator=generator, prompt_rng=prompt_rng)
+    start, saved = resume_or_start(args, policy, state)
+    kl_ctl.value = saved.get("kl_coef", kl_ctl.value)
+    log = Log(args.out, first_step=start)
 
     # ---- training loop ----------------------------------------------------------------------------
     t_start = time.time()
-    for step in tqdm(range(args.max_steps), desc="ppo", dynamic_ncols=True, disable=None):
+    for step in tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, desc="ppo", dynamic_ncols=True, disable=None):
         t0 = time.time()
         batch_prompts = [prompts[prompt_rng.randrange(len(prompts))] for _ in range(args.batch_size)]
         with autocast:
@@ -431,12 +447,13 @@ if __name__ == "__main__":
             for mb in perm.split(args.minibatch_size):
                 m = mask[mb]
                 with autocast:
-                    logprobs, _ = policy_forward(policy, b["seqs"][mb], b["attn"][mb], args.temperature)
-                    values = critic_forward(critic, b["seqs"][mb], b["attn"][mb])
+                    logprobs, _ = update_policy_forward(policy, b["seqs"][mb], b["attn"][mb], args.temperature)
+                    values = update_critic_forward(critic, b["seqs"][mb], b["attn"][mb])
                 # L_pg = mean_t max(-A_t rho_t, -A_t clip(rho_t, 1 +- eps)),  rho_t = pi / pi_old
                 pg_loss = ppo_policy_loss(logprobs, b["logprobs"][mb], b["advantages"][mb], m, args.clip_eps)
                 # L_vf = 0.5 mean_t max((V_t - G_t)^2, (V_old + clip(V_t - V_old) - G_t)^2)
                 vf_loss = ppo_value_loss(values, b["values"][mb], b["returns"][mb], m, args.vf_clip_eps)
+                check_finite(pg_loss + vf_loss, step, args.out)
                 policy_opt.zero_grad(set_to_none=True)
                 critic_opt.zero_grad(set_to_none=True)
                 (pg_loss + vf_loss).backward()   # separate models, so the sum just backpropagates both
@@ -463,6 +480,8 @@ if __name__ == "__main__":
         if step % args.eval_interval == 0 or step == args.max_steps - 1:
             for p, t in list(zip(batch_prompts, b["texts"]))[:3]:
                 print(f"    {p!r:42} -> {t!r}")
+        if (step + 1) % args.ckpt_interval == 0 and step + 1 < args.max_steps:
+            save_resume(args.out, policy, enc.name, args, step + 1, state, kl_coef=kl_ctl.value)
     train_seconds = time.time() - t_start
 
     # ---- checks, final evaluation and save -------------------------------------------------------
@@ -482,4 +501,5 @@ if __name__ == "__main__":
               f"rm {metrics['rm_reward_mean']:+.3f} | kl to sft {metrics['kl_to_sft']:.3f} | hard: correct "
               f"{metrics['hard_correct_rate']:.2f} abstain {metrics['hard_abstain_rate']:.2f} wrong {metrics['hard_wrong_rate']:.2f}")
     save_checkpoint(args.out, policy, enc.name, asdict(args), args.max_steps, extra)
+    remove_resume(args.out)
     print(f"saved {args.out}/ckpt.pt after {train_seconds:.0f} s of training")

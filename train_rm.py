@@ -34,7 +34,7 @@ Deviations from InstructGPT:
 Reports held-out pairwise accuracy (the preferred response scores higher) against the labeler's noisy
 ranks (`acc_labels`), and on the built-in task against the gold judge on the pairs whose gold rewards
 differ (`acc_gold`: what the later stages rely on). Writes out/rm/ckpt.pt (kind "scalar") and
-out/rm/metrics.jsonl.
+out/rm/metrics.jsonl. A stopped run continues with `--resume`.
 """
 
 import math
@@ -47,8 +47,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from minirlhf import task
-from minirlhf.checkpoint import load_model, save_checkpoint
-from minirlhf.cli import Log, arg, parse_args
+from minirlhf.checkpoint import load_model, remove_resume, resume_or_start, save_checkpoint, save_resume
+from minirlhf.cli import Log, arg, check_finite, parse_args, require
 from minirlhf.data import PairRecord, RankRecord, join_prompt_response, read_jsonl, truncate_prompt
 from minirlhf.evaluate import encode_prompts, sample_responses
 from minirlhf.model import ScalarHead
@@ -81,6 +81,8 @@ class Args:
     batch_size: int = arg(16, "prompts per step, each with all its K candidates (B*K sequences)")
     max_steps: int = arg(64, "optimisation steps (64 x 16 prompts: one epoch over the default 1024)")
     eval_interval: int = arg(32, "held-out accuracy every this many steps")
+    ckpt_interval: int = arg(32, "save out/rm/resume.pt every this many steps, for --resume")
+    resume: bool = arg(False, "continue the run saved in --out (same arguments)")
 
 
 def ranking_loss(rewards: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
@@ -211,11 +213,13 @@ if __name__ == "__main__":
         torch.backends.cuda.matmul.allow_tf32 = True
 
     # ---- the SFT model: it writes the candidates, then its trunk becomes the reward model's ---------
-    policy, ck = load_model(args.init, device)
-    if ck["kind"] != "lm":
-        raise SystemExit(f"{args.init}: a {ck['kind']!r} checkpoint; --init takes the SFT model (train_sft.py)")
+    policy, ck = load_model(args.init, device, kind="lm")
     enc = get_encoding(ck["tokenizer"])
     block_size, pad = policy.config.block_size, eos_id(enc)
+    require(0 < args.max_new_tokens < block_size, f"--max-new-tokens {args.max_new_tokens} must be positive and leave "
+            f"room for a prompt in the context of {block_size} tokens")
+    require(min(args.k, args.batch_size, args.max_steps, args.eval_interval, args.ckpt_interval) > 0,
+            "--k, --batch-size, --max-steps, --eval-interval and --ckpt-interval must be positive")
     gen = torch.Generator(device=device).manual_seed(args.seed)
     max_prompt = block_size - args.max_new_tokens  # the prompt budget sampling uses, here and in PPO
 
@@ -234,13 +238,12 @@ if __name__ == "__main__":
         return groups
 
     def record_group(r):
+        require(isinstance(r, (PairRecord, RankRecord)), f"{args.data}: {type(r).__name__}s carry no preference; "
+                "the reward model needs pairwise, K-way or HH-RLHF records")
         if isinstance(r, PairRecord):
             responses, ranks = [r.chosen, r.rejected], [0, 1]
-        elif isinstance(r, RankRecord):
-            responses, ranks = r.responses, r.ranks
         else:
-            raise SystemExit(f"{args.data}: {type(r).__name__}s carry no preference; the reward model needs "
-                             "pairwise, K-way or HH-RLHF records")
+            responses, ranks = r.responses, r.ranks
         ids = [encode_response(enc, x) for x in responses]
         return Ranked(r.prompt, encode_prompt(enc, r.prompt), ids, list(responses), list(ranks))
 
@@ -324,14 +327,16 @@ if __name__ == "__main__":
         return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
     train_model = torch.compile(model) if args.compile else model
-    log = Log(args.out)
-    n_truncated = 0
     data_rng = random.Random(args.seed)
-    order = []
+    # what --resume restores besides the weights; the candidates are sampled again, the same from the same seed
+    state = dict(optimizer=optimizer, data_rng=data_rng)
+    start, saved = resume_or_start(args, model, state)
+    order, n_truncated = saved.get("order", []), saved.get("n_truncated", 0)  # the epoch under way
+    log = Log(args.out, first_step=start)
 
     # ---- training loop ----------------------------------------------------------------------------
     t_start = time.time()
-    for step in tqdm(range(args.max_steps), desc="rm", dynamic_ncols=True, disable=None):
+    for step in tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, desc="rm", dynamic_ncols=True, disable=None):
         t0 = time.time()
         for g in optimizer.param_groups:
             g["lr"] = lr_at(step)
@@ -346,6 +351,7 @@ if __name__ == "__main__":
         rewards = gather_last(values, resp).float().view(ranks.shape)    # (B, K)
         # loss = mean over prompts of mean over ranked pairs (i above j) of -log sigmoid(r_i - r_j)
         loss = ranking_loss(rewards, ranks)
+        check_finite(loss, step, args.out)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -358,6 +364,8 @@ if __name__ == "__main__":
                 val_metrics, val_scores = evaluate_rm()  # the last step's is the final evaluation
                 metrics.update(val_metrics)
             log(step, print_line=evaluate_now, **metrics)
+        if (step + 1) % args.ckpt_interval == 0 and step + 1 < args.max_steps:
+            save_resume(args.out, model, enc.name, args, step + 1, state, order=order, n_truncated=n_truncated)
     if n_truncated:
         print(f"note: {n_truncated} training rows were truncated to fit block_size {block_size}")
     train_seconds = time.time() - t_start
@@ -379,5 +387,6 @@ if __name__ == "__main__":
           + (f" | vs gold {val_metrics['acc_gold']:.4f}" if "acc_gold" in val_metrics else "")
           + f" | SFT-sample scores: mean {extra['reward_mean']:+.3f} std {extra['reward_std']:.3f}")
     save_checkpoint(args.out, model, enc.name, asdict(args), args.max_steps, extra)
+    remove_resume(args.out)
     print(f"saved {args.out}/ckpt.pt after {train_seconds:.0f} s of training ({epochs:.1f} epochs), "
           f"{time.time() - t_begin:.0f} s in all")

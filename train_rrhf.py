@@ -44,6 +44,7 @@ is every --eval-interval steps, from the policy's own samples on held-out prompt
 
     python train_rrhf.py                                     # built-in task, CPU, about 1.5 minutes
     python train_rrhf.py --rounds 2 --max-steps 240          # the iterative variant
+    python train_rrhf.py --rounds 2 --max-steps 240 --resume # continue it after a stop
     python train_rrhf.py --init out/sft --reward-model out/rm --data hh.jsonl --device cuda \\
         --batch-size 32 --n-prompts 8192 --max-steps 2000 --max-new-tokens 128              # one GPU
 
@@ -61,8 +62,8 @@ import torch
 from tqdm import tqdm
 
 from minirlhf import task
-from minirlhf.checkpoint import load_model, save_checkpoint
-from minirlhf.cli import Log, arg, parse_args, peak_memory_mb
+from minirlhf.checkpoint import load_model, remove_resume, resume_or_start, save_checkpoint, save_resume
+from minirlhf.cli import Log, arg, check_finite, parse_args, peak_memory_mb, require
 from minirlhf.data import PairRecord, RankRecord, SFTRecord, join_prompt_response, read_jsonl
 from minirlhf.evaluate import encode_prompts, evaluate, sample_responses, score
 from minirlhf.ops import masked_mean, token_logprobs
@@ -94,6 +95,8 @@ class Args:
     n_prompts: int = arg(256, "prompts whose candidates are sampled and scored, each round")
     max_steps: int = arg(120, "optimisation steps, split evenly over the rounds")
     eval_interval: int = arg(40, "sample the policy on held-out prompts every this many steps: gold, RM reward, KL")
+    ckpt_interval: int = arg(40, "save out/rrhf/resume.pt every this many steps, for --resume")
+    resume: bool = arg(False, "continue the run saved in --out (same arguments)")
     monitor_prompts: int = arg(64, "built-in task: held-out prompts for those interval samples")
     eval_prompts: int = arg(300, "built-in task: held-out prompts for the final evaluation")
     max_new_tokens: int = arg(48, "response length limit when sampling")
@@ -162,13 +165,12 @@ if __name__ == "__main__":
     gen = torch.Generator(device=device).manual_seed(args.seed)   # the candidates' sampling
 
     # ---- models: the policy and the reward model(s); the SFT copy only measures KL -----------------
-    model, ck = load_model(args.init, device)
+    model, ck = load_model(args.init, device, kind="lm")
     enc = get_encoding(ck["tokenizer"])
     model.train()
-    rms = load_reward_models(args.reward_model, device)
-    for rm in rms:
-        if rm.tokenizer != enc.name:
-            raise SystemExit(f"{rm.path}: tokenizer {rm.tokenizer!r} differs from the policy's {enc.name!r}")
+    require(0 < args.max_new_tokens < model.config.block_size, f"--max-new-tokens {args.max_new_tokens} must be "
+            f"positive and leave room for a prompt in the context of {model.config.block_size} tokens")
+    rms = load_reward_models(args.reward_model, device, tokenizer=enc.name, block_size=model.config.block_size)
     builtin = not args.data  # gold reward, held-out prompts and the KL reference: built-in task only
     sft_model = load_model(args.init, device)[0].requires_grad_(False) if builtin else None
     print(f"policy: {model.num_params() / 1e6:.2f}M parameters from {args.init}, tokenizer {enc.name}, device {device}, "
@@ -187,10 +189,13 @@ if __name__ == "__main__":
         records = [(p, []) for p in task.train_prompts()]
     # Every prompt gets K candidates (its own dataset responses, then policy samples), so a batch is (B, K, T).
     K = max(args.k, max(len(resp) for _, resp in records))
-    if K < 1 or not 1 <= args.rounds <= args.max_steps:
-        raise SystemExit("need --k >= 1 and 1 <= --rounds <= --max-steps")
+    require(K >= 1 and 1 <= args.rounds <= args.max_steps, "need --k >= 1 and 1 <= --rounds <= --max-steps")
+    require(min(args.batch_size, args.n_prompts, args.gen_batch_size, args.eval_interval, args.ckpt_interval) > 0,
+            "--batch-size, --n-prompts, --gen-batch-size, --eval-interval and --ckpt-interval must be positive")
     max_prompt = model.config.block_size - args.max_new_tokens     # prompts are cut from the left to fit
-    print(f"data: {len(records)} prompts, K = {K} candidates per prompt")
+    n_long = encode_prompts(enc, [p for p, _ in records], max_prompt)[1]
+    print(f"data: {len(records)} prompts, K = {K} candidates per prompt"
+          + (f"; {n_long} longer than the {max_prompt} tokens the context leaves them lose their start" if n_long else ""))
 
     @torch.no_grad()
     def collect(batch):
@@ -237,12 +242,17 @@ if __name__ == "__main__":
         return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
     train_model = torch.compile(model) if args.compile else model
-    log = Log(args.out)
+    # what --resume restores besides the weights. The round's scored candidates are saved as they are: after
+    # the first round they come from a policy that no longer exists, so they cannot be sampled again.
+    state = dict(optimizer=optimizer, data_rng=data_rng, gen=gen)
+    start, saved = resume_or_start(args, model, state)
+    round_, order = saved.get("round", -1), saved.get("order", [])
+    prompt_ids, response_ids, rewards, gold = (saved.get(k) for k in ("prompt_ids", "response_ids", "rewards", "gold"))
+    log = Log(args.out, first_step=start)
 
     # ---- training loop ----------------------------------------------------------------------------
     t_start = time.time()
-    round_, order = -1, []
-    for step in tqdm(range(args.max_steps), desc="rrhf", dynamic_ncols=True, disable=None):
+    for step in tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, desc="rrhf", dynamic_ncols=True, disable=None):
         if step * args.rounds // args.max_steps > round_:
             # ---- a new round: candidates from the current policy (round 1: still the SFT model), scored
             round_ += 1
@@ -270,6 +280,7 @@ if __name__ == "__main__":
         mask = resp_mask.view(len(idx), K, -1)                                   # (B, K, T), 1 on response tokens
         # L = sum_{r_i < r_j} max(0, p_i - p_j) - mean_t log pi(y_best): rank by reward, SFT on the best
         loss = rrhf_loss(logprobs, mask, batch_rewards, args.length_penalty)
+        check_finite(loss, step, args.out)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -304,6 +315,9 @@ if __name__ == "__main__":
             if monitor:
                 for prompt, response, g in samples[:2]:
                     print(f"  {prompt!r:42} -> {response!r} (gold {g:+.2f})")
+        if (step + 1) % args.ckpt_interval == 0 and step + 1 < args.max_steps:
+            save_resume(args.out, model, enc.name, args, step + 1, state, round=round_, order=order,
+                        prompt_ids=prompt_ids, response_ids=response_ids, rewards=rewards, gold=gold)
     train_seconds = time.time() - t_start
 
     # ---- final evaluation and save ----------------------------------------------------------------
@@ -326,4 +340,5 @@ if __name__ == "__main__":
                   f"+- {ck['extra']['gold_reward_sem']:.4f}")
     extra["peak_memory_mb"] = peak_memory_mb(device)
     save_checkpoint(args.out, model, enc.name, asdict(args), args.max_steps, extra)
+    remove_resume(args.out)
     print(f"saved {args.out}/ckpt.pt after {train_seconds:.0f} s of training")

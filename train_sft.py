@@ -12,7 +12,7 @@ scratch in about two minutes); `--init gpt2` (or a folder with GPT-2 weights) st
     python train_sft.py --init gpt2 --tokenizer gpt2 --data sft.jsonl --device cuda   # one GPU
 
 Writes out/sft/ckpt.pt and out/sft/metrics.jsonl; on the built-in task, reports the held-out mean gold
-reward of its samples (the number RLHF must raise).
+reward of its samples (the number RLHF must raise). A stopped run continues with `--resume`.
 """
 
 import math
@@ -26,11 +26,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from minirlhf import task
-from minirlhf.checkpoint import load_checkpoint, load_model, save_checkpoint
-from minirlhf.cli import Log, arg, parse_args, peak_memory_mb
-from minirlhf.data import SFTRecord, read_jsonl, sft_batch
+from minirlhf.checkpoint import ckpt_path, load_model, remove_resume, resume_or_start, save_checkpoint, save_resume
+from minirlhf.cli import Log, arg, check_finite, parse_args, peak_memory_mb, require
+from minirlhf.data import PairRecord, SFTRecord, read_jsonl, sft_batch
 from minirlhf.evaluate import evaluate
-from minirlhf.model import GPT, GPTConfig
+from minirlhf.model import GPT, GPT2_NAMES, GPTConfig
 from minirlhf.tokenizer import encode_prompt, encode_response, eos_id, get_encoding
 
 
@@ -40,8 +40,8 @@ class Args:
     out: str = arg("out/sft", "output folder for the checkpoint and metrics.jsonl")
     init: str = arg("", "start from: '' (random init), a GPT-2 name or folder, or a minirlhf checkpoint")
     data: str = arg("", "JSONL of {prompt, response} (or HH-RLHF chosen dialogues); '' = the built-in task")
-    tokenizer: str = arg("bytes", "bytes | gpt2 | path/to/gpt2.tiktoken (ignored when --init sets it)")
-    n_layer: int = arg(4, "model size for a random init")
+    tokenizer: str = arg("", "bytes | gpt2 | path/to/gpt2.tiktoken; '' = --init's (bytes for a random init)")
+    n_layer: int = arg(4, "model size for a random init (--init sets its own)")
     n_head: int = arg(4, "attention heads")
     n_embd: int = arg(128, "width")
     block_size: int = arg(128, "context length (prompt + response)")
@@ -50,13 +50,15 @@ class Args:
     device: str = arg("auto", "cpu | cuda | auto")
     dtype: str = arg("auto", "float32 | bfloat16 (autocast, CUDA) | auto")
     compile: bool = arg(False, "torch.compile the model (GPU)")
-    lr: float = arg(2e-3, "peak learning rate (linear warmup, cosine decay to lr/10)")
+    lr: float = arg(3e-3, "peak learning rate (linear warmup, cosine decay to lr/10)")
     warmup_steps: int = arg(30, "learning-rate warmup")
     weight_decay: float = arg(0.1, "AdamW weight decay on matrices")
     grad_clip: float = arg(1.0, "clip the gradient norm to this")
-    batch_size: int = arg(64, "sequences per step")
-    max_steps: int = arg(400, "optimisation steps")
-    eval_interval: int = arg(100, "held-out loss and a sample every this many steps")
+    batch_size: int = arg(32, "sequences per step")
+    max_steps: int = arg(800, "optimisation steps")
+    eval_interval: int = arg(200, "held-out loss and a sample every this many steps")
+    ckpt_interval: int = arg(100, "save out/sft/resume.pt every this many steps, for --resume")
+    resume: bool = arg(False, "continue the run saved in --out (same arguments)")
     eval_prompts: int = arg(300, "built-in task: held-out prompts for the final gold-reward evaluation")
     max_new_tokens: int = arg(48, "response length limit when sampling")
 
@@ -103,22 +105,34 @@ if __name__ == "__main__":
         torch.backends.cuda.matmul.allow_tf32 = True
 
     # ---- model and tokenizer ----------------------------------------------------------------------
-    if args.init and os.path.exists(os.path.join(args.init, "ckpt.pt")):    # an earlier minirlhf checkpoint
-        model, ck = load_model(args.init)
+    if args.init and os.path.exists(ckpt_path(args.init)):                 # an earlier minirlhf checkpoint
+        model, ck = load_model(args.init, kind="lm")
         tok_name = ck["tokenizer"]
     elif args.init:                                                        # GPT-2 weights
-        model, tok_name = GPT.from_pretrained(args.init), ("gpt2" if args.tokenizer == "bytes" else args.tokenizer)
-    else:
-        model = GPT(GPTConfig(block_size=args.block_size, vocab_size=257 if args.tokenizer == "bytes" else 50257,
+        require(os.path.isdir(args.init) or args.init in GPT2_NAMES,
+                f"--init {args.init}: no such checkpoint or folder, and not a GPT-2 name ({', '.join(GPT2_NAMES)})")
+        model, tok_name = GPT.from_pretrained(args.init), "gpt2"
+    else:                                                                  # a random init
+        enc = get_encoding(args.tokenizer or "bytes")
+        model = GPT(GPTConfig(block_size=args.block_size, vocab_size=enc.n_vocab,
                               n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd))
-        tok_name = args.tokenizer
-    enc = get_encoding(tok_name)
+        tok_name = enc.name
+    enc = get_encoding(args.tokenizer or tok_name)
+    require(enc.name == tok_name, f"--tokenizer {args.tokenizer} is not the tokenizer of --init {args.init} ({tok_name})")
+    require(0 < args.max_new_tokens < model.config.block_size,
+            f"--max-new-tokens {args.max_new_tokens} must be positive and leave room for a prompt in the context "
+            f"of {model.config.block_size} tokens")
+    require(min(args.batch_size, args.max_steps, args.eval_interval, args.ckpt_interval) > 0,
+            "--batch-size, --max-steps, --eval-interval and --ckpt-interval must be positive")
     model.to(device).train()
     print(f"model: {model.num_params() / 1e6:.2f}M parameters, tokenizer {enc.name}, device {device}, dtype {dtype}")
 
     # ---- data -------------------------------------------------------------------------------------
     if args.data:
         records = read_jsonl(args.data, "auto")
+        require(isinstance(records[0], (SFTRecord, PairRecord)),
+                f"{args.data}: {type(records[0]).__name__}s hold no response to imitate: SFT needs "
+                "{prompt, response}, pairwise or HH-RLHF records")
         pairs = [(r.prompt, r.response) if isinstance(r, SFTRecord) else (r.prompt, r.chosen) for r in records]
         random.Random(args.seed).shuffle(pairs)
         n_val = max(1, len(pairs) // 20)
@@ -129,19 +143,22 @@ if __name__ == "__main__":
     encode = lambda ps: ([encode_prompt(enc, p) for p, _ in ps], [encode_response(enc, r) for _, r in ps])
     train_p, train_r = encode(train_pairs)
     val_p, val_r = encode(val_pairs)
-    print(f"data: {len(train_pairs)} train, {len(val_pairs)} validation demonstrations")
+    # A demonstration longer than the context loses the start of its prompt (see data.sft_batch).
+    n_long = sum(len(p) + len(r) > model.config.block_size + 1 for p, r in zip(train_p, train_r))
+    print(f"data: {len(train_pairs)} train, {len(val_pairs)} validation demonstrations"
+          + (f"; {n_long} longer than the context ({model.config.block_size}) lose the start of their prompt" if n_long else ""))
     data_rng = random.Random(args.seed)
 
     def get_batch(P, R, idx):
-        tokens, attn, mask, n_cut = sft_batch([P[i] for i in idx], [R[i] for i in idx], eos_id(enc), model.config.block_size)
-        return tokens.to(device), mask.to(device), n_cut
+        tokens, attn, mask, _ = sft_batch([P[i] for i in idx], [R[i] for i in idx], eos_id(enc), model.config.block_size)
+        return tokens.to(device), mask.to(device)
 
     @torch.no_grad()
     def val_loss():
         model.eval()
         total, n = 0.0, 0
         for i in range(0, len(val_p), args.batch_size):
-            tokens, mask, _ = get_batch(val_p, val_r, range(i, min(i + args.batch_size, len(val_p))))
+            tokens, mask = get_batch(val_p, val_r, range(i, min(i + args.batch_size, len(val_p))))
             with autocast:
                 logits = model(tokens[:, :-1])
             k = mask[:, 1:].sum().item()
@@ -164,21 +181,23 @@ if __name__ == "__main__":
         return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
     train_model = torch.compile(model) if args.compile else model
-    log = Log(args.out)
-    n_truncated = 0
+    # what --resume restores besides the weights: the optimizer and the RNGs (the batches drawn so far)
+    state = dict(optimizer=optimizer, data_rng=data_rng)
+    start, _ = resume_or_start(args, model, state)
+    log = Log(args.out, first_step=start)
 
     # ---- training loop ----------------------------------------------------------------------------
     t_start = time.time()
-    for step in tqdm(range(args.max_steps), desc="sft", dynamic_ncols=True, disable=None):
+    for step in tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, desc="sft", dynamic_ncols=True, disable=None):
         t0 = time.time()
         for g in optimizer.param_groups:
             g["lr"] = lr_at(step)
-        tokens, mask, n_cut = get_batch(train_p, train_r, [data_rng.randrange(len(train_p)) for _ in range(args.batch_size)])
-        n_truncated += n_cut
+        tokens, mask = get_batch(train_p, train_r, [data_rng.randrange(len(train_p)) for _ in range(args.batch_size)])
         with autocast:
             logits = train_model(tokens[:, :-1])          # right padding: causal attention never reads it
         # logits[:, t] scores tokens[:, t + 1]; the mask keeps response tokens (EOS included)
         loss = sft_loss(logits, tokens[:, 1:], mask[:, 1:])
+        check_finite(loss, step, args.out)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -188,8 +207,8 @@ if __name__ == "__main__":
             if step % args.eval_interval == 0 or step == args.max_steps - 1:
                 metrics["val_loss"] = val_loss()
             log(step, print_line=("val_loss" in metrics), **metrics)
-    if n_truncated:
-        print(f"note: {n_truncated} training rows were truncated to fit block_size {model.config.block_size}")
+        if (step + 1) % args.ckpt_interval == 0 and step + 1 < args.max_steps:
+            save_resume(args.out, model, enc.name, args, step + 1, state)
     train_seconds = time.time() - t_start
 
     # ---- final evaluation and save ----------------------------------------------------------------
@@ -206,4 +225,5 @@ if __name__ == "__main__":
               f"| hard: correct {metrics['hard_correct_rate']:.2f} abstain {metrics['hard_abstain_rate']:.2f} "
               f"wrong {metrics['hard_wrong_rate']:.2f}")
     save_checkpoint(args.out, model, enc.name, asdict(args), args.max_steps, extra)
+    remove_resume(args.out)
     print(f"saved {args.out}/ckpt.pt after {train_seconds:.0f} s of training")

@@ -12,10 +12,21 @@ Contents (plain dicts, lists, numbers, strings and tensors only):
 Writes are atomic: the file is written beside its final name, flushed to disk, then renamed over it,
 so a run killed at any moment leaves either the old checkpoint or the new one, never half of one.
 Loading uses `torch.load(..., weights_only=True)`: a checkpoint cannot run code when it is opened.
+
+Resuming. While a stage trains, it writes `out/<stage>/resume.pt` every `--ckpt-interval` steps: a
+checkpoint of the model like `ckpt.pt` (so `load_model` reads it too), whose `extra["resume"]` holds the
+rest of the run's state: optimizers, random generators, and the stage's own values (PPO's critic and KL
+coefficient, the RM's epoch order). `--resume` restores all of it, so a run stopped at any moment and
+resumed ends with the same weights, bit for bit on the CPU, as a run never stopped. A run is defined by its
+arguments: resuming with different ones is refused, and so is starting a fresh run over an unfinished
+one's resume.pt (it would be overwritten). A finished run deletes its resume.pt: ckpt.pt is the result.
 """
 
+import dataclasses
+import glob
 import os
 import pickle
+import random
 from dataclasses import asdict
 
 import torch
@@ -23,6 +34,8 @@ import torch
 from minirlhf.model import GPT, GPTConfig, ScalarHead
 
 CKPT_NAME = "ckpt.pt"
+RESUME_NAME = "resume.pt"
+KINDS = {"lm": "a language model (train_sft.py, train_ppo.py, train_rrhf.py)", "scalar": "a reward model (train_rm.py)"}
 
 
 class CheckpointError(Exception):
@@ -39,6 +52,8 @@ def atomic_save(obj, path: str):
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
+    for stale in glob.glob(glob.escape(path) + ".tmp.*"):  # the half-written file of a run killed mid-save
+        os.remove(stale)
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
@@ -55,14 +70,15 @@ def atomic_save(obj, path: str):
         os.close(fd)
 
 
-def save_checkpoint(out_dir: str, model, tokenizer: str, args: dict, step: int, extra: dict | None = None):
-    """Write `out_dir/ckpt.pt` for a GPT or a ScalarHead."""
+def save_checkpoint(out_dir: str, model, tokenizer: str, args: dict, step: int, extra: dict | None = None,
+                    name: str = CKPT_NAME):
+    """Write `out_dir/ckpt.pt` (or `out_dir/name`) for a GPT or a ScalarHead."""
     kind = "scalar" if isinstance(model, ScalarHead) else "lm"
     config = model.config
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     obj = dict(kind=kind, config=asdict(config), tokenizer=tokenizer, args=dict(args), step=int(step),
                model=state, extra=extra or {})
-    path = os.path.join(out_dir, CKPT_NAME)
+    path = os.path.join(out_dir, name)
     atomic_save(obj, path)
     return path
 
@@ -99,11 +115,98 @@ def build_model(ckpt: dict):
     return model
 
 
-def load_model(path: str, device="cpu"):
-    """(model, ckpt) from a checkpoint folder or file; the model is on `device` in eval mode."""
+def load_model(path: str, device="cpu", kind: str | None = None):
+    """(model, ckpt) from a checkpoint folder or file; the model is on `device` in eval mode.
+    `kind` ("lm" or "scalar"), when given, is the kind the caller needs: another one is refused."""
     ckpt = load_checkpoint(path)
+    if kind is not None and ckpt["kind"] != kind:
+        raise CheckpointError(f"{ckpt_path(path)}: {KINDS.get(ckpt['kind'], repr(ckpt['kind']))}, where {KINDS[kind]} "
+                              "is needed")
     try:
         model = build_model(ckpt)
     except (RuntimeError, TypeError) as e:
         raise CheckpointError(f"{ckpt_path(path)}: weights do not match the stored config ({str(e).splitlines()[0]})") from None
     return model.to(device).eval(), ckpt
+
+
+# ----------------------------------------------------------------------------------------------------
+# Resuming a run
+
+
+def _state_of(obj):
+    if isinstance(obj, random.Random):
+        return obj.getstate()  # a tuple of ints: plain data, which weights_only loads
+    if isinstance(obj, torch.Generator):
+        return obj.get_state()  # a uint8 tensor, also for a CUDA generator
+    return obj.state_dict()  # a module or an optimizer
+
+
+def _restore(obj, state):
+    if isinstance(obj, random.Random):
+        obj.setstate(state)
+    elif isinstance(obj, torch.Generator):
+        obj.set_state(state)
+    else:
+        obj.load_state_dict(state)
+
+
+def save_resume(out_dir: str, model, tokenizer: str, args, step: int, state: dict, **values):
+    """Write `out_dir/resume.pt`: `model` as a checkpoint at `step` (the number of steps done), plus the
+    states of the objects in `state` (name -> optimizer, module, torch.Generator or random.Random), the
+    global torch and Python RNGs, and plain `values` (numbers, lists), which `resume_or_start` returns."""
+    resume = {name: _state_of(obj) for name, obj in state.items()}
+    resume["torch_rng"] = torch.get_rng_state()
+    resume["python_rng"] = random.getstate()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        resume["cuda_rng"] = torch.cuda.get_rng_state_all()
+    args = asdict(args) if dataclasses.is_dataclass(args) else dict(args)
+    save_checkpoint(out_dir, model, tokenizer, args, step, {**values, "resume": resume}, name=RESUME_NAME)
+
+
+# Arguments that may change when a run resumes: they do not change what it computes.
+RESUMABLE_CHANGES = ("resume", "ckpt_interval", "out")
+
+
+def resume_or_start(args, model, state: dict) -> tuple[int, dict]:
+    """-> (the step to start at, the values saved with `save_resume`).
+
+    A fresh run (args.resume false) starts at 0 with no values, unless `args.out` holds an unfinished
+    run's resume.pt: that is refused rather than overwritten. With --resume, `model` and every object in
+    `state` are restored in place from args.out/resume.pt, after checking that the run had the same arguments.
+    """
+    path = os.path.join(args.out, RESUME_NAME)
+    if not args.resume:
+        if os.path.exists(path):
+            raise CheckpointError(f"{path}: an unfinished run is saved here; pass --resume to continue it, or delete "
+                                  "the file (or choose another --out) to start a new one")
+        return 0, {}
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such file, nothing to resume (a finished run deletes it; --out {args.out}?)")
+    ckpt = load_checkpoint(path)
+    now = asdict(args)
+    changed = [k for k in now if k not in RESUMABLE_CHANGES and ckpt["args"].get(k) != now[k]]
+    if changed:
+        raise CheckpointError(f"{path}: cannot resume with other arguments than the run's: " + ", ".join(
+            f"--{k.replace('_', '-')} was {ckpt['args'].get(k)!r}, now {now[k]!r}" for k in changed))
+    try:
+        resume = ckpt["extra"]["resume"]
+        model.load_state_dict(ckpt["model"])
+        for name, obj in state.items():
+            _restore(obj, resume[name])
+        torch.set_rng_state(resume["torch_rng"])
+        random.setstate(resume["python_rng"])
+        if "cuda_rng" in resume:
+            torch.cuda.set_rng_state_all(resume["cuda_rng"])
+    except (KeyError, RuntimeError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a resume state of this run ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    values = {k: v for k, v in ckpt["extra"].items() if k != "resume"}
+    print(f"resumed from {path} at step {ckpt['step']}")
+    return ckpt["step"], values
+
+
+def remove_resume(out_dir: str):
+    """The run is complete: ckpt.pt is its result, and nothing is left to resume."""
+    path = os.path.join(out_dir, RESUME_NAME)
+    if os.path.exists(path):
+        os.remove(path)

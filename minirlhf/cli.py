@@ -1,22 +1,70 @@
-"""Plumbing every stage script shares: command-line arguments from an `Args` dataclass, and the log.
+"""Plumbing every stage script shares: command-line arguments from an `Args` dataclass, errors, the log.
 
 Each script declares its hyperparameters once, as a dataclass whose fields carry their defaults and a
 docstring-style comment; `parse_args` turns the fields into `--kebab-case` flags. The log writes one
 greppable line per step (`step 00050 | loss 1.2345 | ...`) and the same numbers to `metrics.jsonl`.
+
+Errors. A mistake the user can fix (a bad data record, a checkpoint that does not fit, arguments that
+cannot work together, a loss that blew up) is reported as one line on stderr with exit status 2, as
+argparse reports a bad flag, never as a traceback: `parse_args` installs the hook that does it. Anything
+else is a bug and keeps its traceback.
 """
 
 import argparse
 import dataclasses
 import json
+import math
 import os
+import sys
 import time
+
+from minirlhf.checkpoint import RESUME_NAME, CheckpointError
+from minirlhf.data import DataError
+from minirlhf.tokenizer import TokenizerError
+
+
+class UsageError(Exception):
+    """Arguments that cannot work together, or that do not fit the models they are given."""
+
+
+class LossNotFinite(Exception):
+    """The loss became NaN or infinite: the run stops before the update reaches the weights."""
+
+
+USER_ERRORS = (UsageError, LossNotFinite, DataError, CheckpointError, TokenizerError)
+
+
+def require(ok: bool, message: str):
+    """`require(args.batch_size % args.minibatch_size == 0, "...")`: stop with `message` unless ok."""
+    if not ok:
+        raise UsageError(message)
+
+
+def check_finite(loss, step: int, out_dir: str):
+    """Stop the run at a NaN or infinite loss, before backward and the optimizer step can spread it into
+    the weights, and before anything is saved over the last good checkpoint."""
+    value = loss.item()
+    if not math.isfinite(value):
+        last = os.path.join(out_dir, RESUME_NAME)
+        raise LossNotFinite(f"step {step}: loss is {value}; the last good checkpoint in {out_dir} stays"
+                            + ("" if os.path.exists(last) else " (this run had not written one yet)"))
+
+
+def report_user_errors(kind, value, tb):
+    """sys.excepthook: a user error becomes `script: error: message` and exit status 2."""
+    if issubclass(kind, USER_ERRORS):
+        print(f"{os.path.basename(sys.argv[0])}: error: {value}", file=sys.stderr)
+        sys.exit(2)
+    sys.__excepthook__(kind, value, tb)
 
 
 def parse_args(cls, argv=None):
     """Build an argparse parser from a dataclass's fields and return an instance of it.
 
     bool fields become --flag / --no-flag; list fields are repeatable flags (given ones replace the default).
+    From here on, user errors exit with a one-line message (see the module docstring).
     """
+    sys.excepthook = report_user_errors
     parser = argparse.ArgumentParser(description=(cls.__doc__ or "").strip().splitlines()[0])
     types = {"int": int, "float": float, "str": str, "bool": bool, "list": list}
     for f in dataclasses.fields(cls):
@@ -45,11 +93,18 @@ def arg(default, help: str):
 class Log:
     """Prints `step 00050 | key value | ...` and appends {"step": 50, ...} to out/metrics.jsonl."""
 
-    def __init__(self, out_dir: str, resume: bool = False):
+    def __init__(self, out_dir: str, first_step: int = 0):
+        """A fresh run (first_step 0) starts an empty metrics.jsonl; a resumed one keeps the rows before its
+        first step and drops those that the interrupted run logged after its last checkpoint."""
         os.makedirs(out_dir, exist_ok=True)
         self.path = os.path.join(out_dir, "metrics.jsonl")
-        if not resume and os.path.exists(self.path):
-            os.remove(self.path)
+        kept = []
+        if first_step > 0 and os.path.exists(self.path):
+            with open(self.path) as f:
+                kept = [line for line in f if _step_of(line) < first_step]
+        with open(self.path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(self.path + ".tmp", self.path)
         self.t0 = time.time()
 
     def __call__(self, step: int, print_line=True, **metrics):
@@ -59,6 +114,13 @@ class Log:
         if print_line:
             parts = [f"step {step:05d}"] + [f"{k} {fmt(v)}" for k, v in metrics.items()]
             print(" | ".join(parts), flush=True)
+
+
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf  # a line cut short by a kill: drop it
 
 
 def fmt(v):

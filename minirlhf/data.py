@@ -181,6 +181,8 @@ def read_jsonl(path: str | os.PathLike, kind: str = "auto") -> list:
     """
     if kind not in KINDS:
         raise ValueError(f"unknown data kind {kind!r}: expected one of {', '.join(KINDS)}")
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
     records = []
     with open(path, "rb") as f:  # bytes: decode per line so a bad byte is reported with its line number
         for lineno, raw in enumerate(f, start=1):

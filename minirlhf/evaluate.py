@@ -10,6 +10,7 @@ questions the rates of correct, abstained and wrong answers. The same seed gives
 import argparse
 import json
 import math
+import sys
 
 import torch
 
@@ -158,7 +159,7 @@ def main(argv=None):
     prompts = task.heldout_prompts()[: args.n_prompts]
     rms = load_reward_models(args.reward_model)
     if args.best_of_n and not rms:
-        raise SystemExit("--best-of-n needs --reward-model")
+        ap.error("--best-of-n needs --reward-model")
     ref = load_model(args.ref)[0] if args.ref and not args.best_of_n else None  # best-of-n's KL is analytic
     results, all_samples = {}, {}
     for path in args.checkpoints:
@@ -186,4 +187,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    from minirlhf.cli import report_user_errors
+    sys.excepthook = report_user_errors  # a bad checkpoint path: one line and exit status 2, as in the stage scripts
     main()

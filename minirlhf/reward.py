@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from minirlhf.checkpoint import load_model
+from minirlhf.checkpoint import CheckpointError, ckpt_path, load_model
 from minirlhf.ops import gather_last
 
 
@@ -39,13 +39,18 @@ def parse_spec(spec: str) -> tuple[str, float]:
     return spec, 1.0
 
 
-def load_reward_models(specs, device="cpu") -> list[RewardModel]:
+def load_reward_models(specs, device="cpu", tokenizer: str | None = None, block_size: int | None = None) -> list[RewardModel]:
+    """Load and freeze the reward models of `specs`. Given the policy's `tokenizer` and `block_size`, refuse a
+    reward model that reads other token ids (its scores would be of garbage) or a shorter context."""
     out = []
     for spec in specs:
         path, weight = parse_spec(spec)
-        model, ck = load_model(path, device)
-        if ck["kind"] != "scalar":
-            raise ValueError(f"{path}: not a reward model (a {ck['kind']!r} checkpoint); train one with train_rm.py")
+        model, ck = load_model(path, device, kind="scalar")
+        if tokenizer is not None and ck["tokenizer"] != tokenizer:
+            raise CheckpointError(f"{ckpt_path(path)}: the reward model uses tokenizer {ck['tokenizer']!r}, the policy {tokenizer!r}")
+        if block_size is not None and model.config.block_size < block_size:
+            raise CheckpointError(f"{ckpt_path(path)}: the reward model reads {model.config.block_size} tokens, shorter than "
+                                  f"the policy's context of {block_size}")
         for p in model.parameters():
             p.requires_grad_(False)  # frozen: only ever scored
         out.append(RewardModel(model, weight, float(ck["extra"].get("reward_mean", 0.0)),

@@ -30,6 +30,10 @@ GPT2_EOS_ID = 50256
 ENCODINGS = ("bytes", "gpt2")
 
 
+class TokenizerError(ValueError):
+    """An unknown tokenizer name or a missing ranks file: reported as one line, not a traceback."""
+
+
 def bytes_encoding() -> tiktoken.Encoding:
     # With only single-byte ranks there is nothing to merge: BPE leaves every byte as its own token.
     ranks = {bytes([i]): i for i in range(256)}
@@ -40,7 +44,7 @@ def gpt2_encoding(path: str | None = None) -> tiktoken.Encoding:
     if path is None:
         return tiktoken.get_encoding("gpt2")  # downloads the ranks on first use
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: GPT-2 BPE ranks file not found")
+        raise TokenizerError(f"{path}: GPT-2 BPE ranks file not found")
     ranks = tiktoken.load.load_tiktoken_bpe(path)
     return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PAT, mergeable_ranks=ranks,
                              special_tokens={EOS: GPT2_EOS_ID}, explicit_n_vocab=GPT2_EOS_ID + 1)
@@ -54,7 +58,7 @@ def get_encoding(name: str = "bytes", path: str | None = None) -> tiktoken.Encod
         return gpt2_encoding(path)
     if name.endswith(".tiktoken"):
         return gpt2_encoding(name)
-    raise ValueError(f"unknown tokenizer {name!r}: expected one of {', '.join(ENCODINGS)} or a path to a .tiktoken file")
+    raise TokenizerError(f"unknown tokenizer {name!r}: expected one of {', '.join(ENCODINGS)} or a path to a .tiktoken file")
 
 
 def encoding_name(enc: tiktoken.Encoding) -> str:

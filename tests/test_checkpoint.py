@@ -5,7 +5,6 @@ Run: python -m pytest -q tests/test_checkpoint.py
 """
 
 import os
-import pickle
 
 import pytest
 import torch

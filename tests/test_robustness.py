@@ -1,0 +1,399 @@
+"""Robustness of the stage scripts: what a user's mistake or a killed run must never cost.
+
+- Bad input: each case (a line that is not JSON, a missing, misspelled or wrongly typed field, an empty
+  file, an empty prompt or response, bytes that are not UTF-8, K-way ranks that do not match the
+  responses, an identical pairwise record, an unknown tokenizer, an --init or reward model that does
+  not fit, arguments that cannot work together) ends the script with exit status 2 and one line on
+  stderr naming the file, the line and the field, and no traceback; a prompt longer than the context
+  is cut and counted in the log. These run the real scripts in this process (fast), passing what they
+  raise to the hook the script installed, as the interpreter would; `test_exit_status_end_to_end` checks
+  once, in a subprocess, that the interpreter really does.
+- Kill and resume: a run killed with SIGKILL right after its mid-run checkpoint, then resumed with
+  --resume, ends with exactly the weights (and log) of a run never stopped: SFT, RM, PPO and RRHF.
+- A kill in the middle of writing a checkpoint leaves the previous one loadable, and resuming from it
+  still ends with the uninterrupted run's weights.
+- A loss that becomes NaN (a learning rate of 1e30) stops the run at that step, exit status 2, without
+  touching the checkpoints.
+- A checkpoint crafted to run code when unpickled is refused, and its code never runs.
+
+The kills are real SIGKILLs, sent by the process to itself at an exact moment: the test starts the
+script through a few lines (KILLER) that wrap os.replace (the rename that publishes a checkpoint) or
+torch.save (the write before it). Nothing in the scripts knows about the tests.
+
+Run: python -m pytest -q tests/test_robustness.py   (about 50 CPU-seconds)
+"""
+
+import contextlib
+import io
+import json
+import os
+import re
+import runpy
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from minirlhf.checkpoint import load_checkpoint, save_checkpoint
+from minirlhf.model import GPT, GPTConfig, ScalarHead
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CFG = dict(vocab_size=257, n_layer=1, n_head=2, n_embd=32)
+# Tiny runs of each stage: a few steps of 1-layer, 32-wide models, a context of 64 tokens.
+SFT_TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "64", "--n-demos", "64",
+            "--eval-prompts", "4", "--max-new-tokens", "8", "--batch-size", "4", "--eval-interval", "2"]
+RM_TINY = ["--n-prompts", "8", "--eval-prompts", "4", "--k", "2", "--batch-size", "3", "--max-new-tokens", "8",
+           "--max-steps", "6", "--eval-interval", "3"]
+PPO_TINY = ["--batch-size", "4", "--minibatch-size", "2", "--ppo-epochs", "1", "--max-new-tokens", "8",
+            "--eval-prompts", "4", "--max-steps", "4", "--eval-interval", "2"]
+RRHF_TINY = ["--rounds", "2", "--max-steps", "4", "--batch-size", "2", "--k", "2", "--n-prompts", "4",
+             "--max-new-tokens", "8", "--eval-interval", "2", "--monitor-prompts", "4", "--eval-prompts", "4"]
+
+
+def run_here(script, *flags):
+    """Run a stage script in this process -> (exit status, stdout, stderr).
+
+    An exception that escapes the script goes to sys.excepthook, exactly as the interpreter would pass it;
+    the script's own hook (installed by parse_args) decides the exit status and what stderr shows.
+    """
+    argv, hook = sys.argv, sys.excepthook
+    out, err = io.StringIO(), io.StringIO()
+    sys.argv = [os.path.join(ROOT, script), *map(str, flags)]
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                runpy.run_path(sys.argv[0], run_name="__main__")
+            except SystemExit as e:
+                code = e.code
+            except Exception as e:  # what the interpreter does with an exception nothing caught
+                try:
+                    sys.excepthook(type(e), e, e.__traceback__)
+                    code = 1
+                except SystemExit as exit_:
+                    code = exit_.code
+    finally:
+        sys.argv, sys.excepthook = argv, hook
+    return code, out.getvalue(), err.getvalue()
+
+
+def assert_user_error(result, *fragments):
+    code, _, err = result
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert code == 2 and "Traceback" not in err and len(lines) == 1, err[-3000:]
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints to start from: tiny random models, saved directly (no training needed to test plumbing)
+
+
+def tiny_checkpoint(path, kind="lm", tokenizer="bytes", block_size=64, seed=0):
+    torch.manual_seed(seed)
+    gpt = GPT(GPTConfig(block_size=block_size, **CFG))
+    model = ScalarHead(gpt) if kind == "scalar" else gpt
+    extra = {"reward_mean": 0.0, "reward_std": 1.0} if kind == "scalar" else {}
+    save_checkpoint(str(path), model, tokenizer, {}, 0, extra)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ckpts")
+    return dict(sft=tiny_checkpoint(d / "sft"), rm=tiny_checkpoint(d / "rm", "scalar", seed=1),
+                sft_gpt2=tiny_checkpoint(d / "sft_gpt2", tokenizer="gpt2"),
+                rm_gpt2=tiny_checkpoint(d / "rm_gpt2", "scalar", tokenizer="gpt2"),
+                rm_short=tiny_checkpoint(d / "rm_short", "scalar", block_size=32))
+
+
+def write_lines(path, lines):
+    """Lines as given: dicts become JSON, str and bytes are written raw."""
+    with open(path, "wb") as f:
+        for line in lines:
+            if isinstance(line, dict):
+                line = json.dumps(line)
+            f.write((line.encode() if isinstance(line, str) else line) + b"\n")
+    return str(path)
+
+
+GOOD = {"prompt": "What is 1 + 2?", "response": "3"}
+
+# ----------------------------------------------------------------------------------------------------
+# Bad input: one line on stderr naming the file, line and field; exit status 2
+
+
+@pytest.mark.parametrize("line, fragments", [
+    ('{"prompt": "What is 2 + 2?", "response": ', [":2:", "not JSON"]),
+    ({"prompt": "What is 2 + 2?"}, [":2:", "field 'response'", "missing"]),
+    ({"prompt": "What is 2 + 2?", "respnse": "4"}, [":2:", "field 'response'", "'respnse'"]),
+    ({"prompt": 4, "response": "4"}, [":2:", "field 'prompt'", "expected a string, got int"]),
+    ({"prompt": "  ", "response": "4"}, [":2:", "field 'prompt'", "empty"]),
+    ({"prompt": "What is 2 + 2?", "response": ""}, [":2:", "field 'response'", "empty"]),
+    (b'{"prompt": "What is 2 + 2?", "response": "\xff4"}', [":2:", "not valid UTF-8"]),
+], ids=["not-json", "missing-field", "misspelled-field", "wrong-type", "empty-prompt", "empty-response", "not-utf8"])
+def test_bad_sft_record(tmp_path, line, fragments):
+    data = write_lines(tmp_path / "data.jsonl", [GOOD, line])
+    assert_user_error(run_here("train_sft.py", *SFT_TINY, "--data", data, "--out", tmp_path / "out"), data, *fragments)
+
+
+def test_empty_file(tmp_path):
+    data = write_lines(tmp_path / "empty.jsonl", ["", "   "])
+    assert_user_error(run_here("train_sft.py", *SFT_TINY, "--data", data, "--out", tmp_path / "out"), data, "empty file")
+
+
+def test_missing_data_file(tmp_path):
+    assert_user_error(run_here("train_sft.py", *SFT_TINY, "--data", tmp_path / "nope.jsonl", "--out", tmp_path / "out"),
+                      "nope.jsonl: no such file")
+
+
+def test_kway_ranks_do_not_match_responses(tmp_path, ckpts):
+    data = write_lines(tmp_path / "kway.jsonl", [{"prompt": "p", "responses": ["a", "b", "c"], "ranks": [0, 1, 2]},
+                                                 {"prompt": "q", "responses": ["a", "b", "c"], "ranks": [0, 1]}])
+    assert_user_error(run_here("train_rm.py", *RM_TINY, "--init", ckpts["sft"], "--data", data, "--out", tmp_path / "rm"),
+                      data + ":2:", "field 'ranks'", "2 items for 3 responses")
+
+
+def test_pairwise_chosen_identical_to_rejected(tmp_path, ckpts):
+    data = write_lines(tmp_path / "pairs.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"},
+                                                  {"prompt": "p", "chosen": "same", "rejected": "same"}])
+    assert_user_error(run_here("train_rm.py", *RM_TINY, "--init", ckpts["sft"], "--data", data, "--out", tmp_path / "rm"),
+                      data + ":2:", "field 'rejected'", "identical")
+
+
+@pytest.mark.parametrize("script, expected", [
+    ("train_sft.py", r"; [23] longer than the context \(64\) lose the start of their prompt"),  # of 5 training rows
+    ("train_rm.py", r"note: \d+ training rows were truncated to fit block_size 64"),
+    ("train_ppo.py", r"prompts: 3 of 6 are longer than the 56 tokens the context leaves them, and lose their start"),
+    ("train_rrhf.py", r"; 3 longer than the 56 tokens the context leaves them lose their start"),
+])
+def test_prompt_longer_than_the_context_is_cut_and_counted(tmp_path, ckpts, script, expected):
+    long = "Please " * 40 + "what is 1 + 2?"  # ~300 bytes, the context is 64
+    data = write_lines(tmp_path / "long.jsonl", [{"prompt": long, "chosen": "3", "rejected": "4"},
+                                                 {"prompt": "What is 1 + 2?", "chosen": "3", "rejected": "4"}] * 3)
+    flags = {"train_sft.py": SFT_TINY, "train_rm.py": ["--init", ckpts["sft"], *RM_TINY],
+             "train_ppo.py": ["--init", ckpts["sft"], "--reward-model", ckpts["rm"], *PPO_TINY],
+             "train_rrhf.py": ["--init", ckpts["sft"], "--reward-model", ckpts["rm"], *RRHF_TINY]}[script]
+    code, out, err = run_here(script, *flags, "--max-steps", "2", "--data", data, "--out", tmp_path / "out")
+    assert code == 0, err[-3000:]
+    assert re.search(expected, out), out[-3000:]
+
+
+def test_unknown_tokenizer(tmp_path):
+    assert_user_error(run_here("train_sft.py", *SFT_TINY, "--tokenizer", "gtp2", "--out", tmp_path / "out"),
+                      "unknown tokenizer 'gtp2'")
+
+
+def test_init_with_another_tokenizer(tmp_path, ckpts):
+    assert_user_error(run_here("train_sft.py", *SFT_TINY, "--init", ckpts["sft_gpt2"], "--tokenizer", "bytes",
+                               "--out", tmp_path / "out"), "--tokenizer bytes", ckpts["sft_gpt2"], "(gpt2)")
+
+
+@pytest.mark.parametrize("script", ["train_sft.py", "train_rm.py", "train_ppo.py", "train_rrhf.py"])
+def test_init_of_the_wrong_kind(tmp_path, ckpts, script):
+    flags = SFT_TINY if script == "train_sft.py" else [] if script == "train_rm.py" else ["--reward-model", ckpts["rm"]]
+    assert_user_error(run_here(script, *flags, "--init", ckpts["rm"], "--out", tmp_path / "out"),
+                      os.path.join(ckpts["rm"], "ckpt.pt"), "a reward model", "where a language model")
+
+
+def test_init_that_does_not_exist(tmp_path):
+    assert_user_error(run_here("train_sft.py", *SFT_TINY, "--init", tmp_path / "nope", "--out", tmp_path / "out"),
+                      "--init", "no such checkpoint or folder")
+
+
+@pytest.mark.parametrize("script", ["train_ppo.py", "train_rrhf.py"])
+@pytest.mark.parametrize("rm, fragments", [
+    ("rm_gpt2", ["uses tokenizer 'gpt2', the policy 'bytes'"]),
+    ("rm_short", ["reads 32 tokens, shorter than the policy's context of 64"]),
+])
+def test_reward_model_that_does_not_fit_the_policy(tmp_path, ckpts, script, rm, fragments):
+    tiny = PPO_TINY if script == "train_ppo.py" else RRHF_TINY
+    assert_user_error(run_here(script, *tiny, "--init", ckpts["sft"], "--reward-model", ckpts[rm],
+                               "--out", tmp_path / "out"), os.path.join(ckpts[rm], "ckpt.pt"), *fragments)
+
+
+@pytest.mark.parametrize("script, flags, fragments", [
+    ("train_ppo.py", ["--batch-size", "6", "--minibatch-size", "4"], ["--batch-size 6 is not a multiple of --minibatch-size 4"]),
+    ("train_ppo.py", ["--max-new-tokens", "64"], ["--max-new-tokens 64", "context of 64 tokens"]),
+    ("train_rm.py", ["--max-new-tokens", "80"], ["--max-new-tokens 80", "context of 64 tokens"]),
+    ("train_sft.py", ["--block-size", "8"], ["--max-new-tokens 8", "context of 8 tokens"]),
+], ids=["minibatches", "ppo-context", "rm-context", "sft-context"])
+def test_arguments_that_cannot_work_together(tmp_path, ckpts, script, flags, fragments):
+    tiny = {"train_sft.py": SFT_TINY, "train_rm.py": ["--init", ckpts["sft"], *RM_TINY],
+            "train_ppo.py": ["--init", ckpts["sft"], "--reward-model", ckpts["rm"], *PPO_TINY]}[script]
+    assert_user_error(run_here(script, *tiny, *flags, "--out", tmp_path / "out"), *fragments)
+
+
+def test_exit_status_end_to_end(tmp_path):
+    """The interpreter, not just this test's stand-in, turns a user error into exit status 2 and one line."""
+    data = write_lines(tmp_path / "data.jsonl", [GOOD, {"prompt": "What is 2 + 2?", "respnse": "4"}])
+    p = subprocess.run([sys.executable, "train_sft.py", *SFT_TINY, "--data", data, "--out", str(tmp_path / "out")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert p.stderr.strip().splitlines()[-1] == (f"train_sft.py: error: {data}:2: field 'response': missing "
+                                                 "(found 'respnse': a misspelling?)")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Kill and resume
+
+# Runs a script, sending SIGKILL to itself right after ("after") or in the middle of ("during") its N-th
+# write of resume.pt. A real kill at an exact moment, so the test never races the run.
+KILLER = r"""
+import io, os, runpy, signal, sys
+import torch
+mode, n, script = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+real_replace, real_save, saves = os.replace, torch.save, [0]
+
+def replace(src, dst, *a, **k):
+    real_replace(src, dst, *a, **k)
+    if str(dst).endswith("resume.pt"):
+        saves[0] += 1
+        if mode == "after" and saves[0] == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+def save(obj, f, *a, **k):
+    if mode == "during" and "resume.pt.tmp" in getattr(f, "name", "") and saves[0] + 1 == n:
+        buf = io.BytesIO()
+        real_save(obj, buf, *a, **k)
+        f.write(buf.getvalue()[: len(buf.getvalue()) // 2])  # half of the checkpoint reaches the disk...
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)                  # ...and the process dies
+    return real_save(obj, f, *a, **k)
+
+os.replace, torch.save = replace, save
+sys.argv = sys.argv[3:]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def run(script, *flags, kill=None):
+    """Run a script in a subprocess -> CompletedProcess; kill=("after" | "during", N) kills it at its N-th resume.pt."""
+    cmd = [sys.executable, script, *map(str, flags)]
+    if kill:
+        cmd = [sys.executable, "-c", KILLER, kill[0], str(kill[1]), script, *map(str, flags)]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if kill:
+        assert p.returncode == -9, f"the run was not killed (exit {p.returncode}): " + p.stderr[-3000:]
+    else:
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    return p
+
+
+def weights(out):
+    return load_checkpoint(out)["model"]
+
+
+def logged(out, drop=("ms", "rollout_ms")):
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    return [{k: v for k, v in r.items() if k not in drop} for r in rows]
+
+
+def assert_same_run(a, b):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), "the weights differ"
+    assert logged(a) == logged(b)
+    assert not os.path.exists(os.path.join(b, "resume.pt"))  # a finished run leaves only its result
+
+
+def kill_and_resume(script, flags, tmp_path, kill, full=None):
+    """The uninterrupted run (or `full`, one already made), the killed one, its resumption; -> the resume.pt it used."""
+    cut = tmp_path / "cut"
+    if full is None:
+        full = tmp_path / "full"
+        run(script, *flags, "--out", full)
+    run(script, *flags, "--out", cut, kill=kill)
+    ckpt = load_checkpoint(str(cut / "resume.pt"))
+    run(script, *flags, "--out", cut, "--resume")
+    assert_same_run(str(full), str(cut))
+    return ckpt
+
+
+@pytest.fixture(scope="module")
+def sft_full(tmp_path_factory):
+    """An uninterrupted 6-step SFT run; --ckpt-interval does not change what a run computes, so it serves both tests."""
+    out = tmp_path_factory.mktemp("sft") / "full"
+    run("train_sft.py", *SFT_TINY, "--max-steps", "6", "--out", out)
+    return out
+
+
+def test_sft_kill_and_resume(tmp_path, sft_full):
+    flags = [*SFT_TINY, "--max-steps", "6", "--ckpt-interval", "3"]
+    ckpt = kill_and_resume("train_sft.py", flags, tmp_path, kill=("after", 1), full=sft_full)
+    assert ckpt["step"] == 3 and ckpt["extra"]["resume"]["optimizer"]["state"]  # halfway, with Adam's moments
+
+
+def test_sft_killed_while_saving(tmp_path, sft_full):
+    """Killed halfway through writing the step-4 checkpoint: the step-2 one stays whole and resumes exactly."""
+    flags = [*SFT_TINY, "--max-steps", "6", "--ckpt-interval", "2"]
+    ckpt = kill_and_resume("train_sft.py", flags, tmp_path, kill=("during", 2), full=sft_full)
+    assert ckpt["step"] == 2
+    assert not [f for f in os.listdir(tmp_path / "cut") if ".tmp" in f]  # the half-written file is cleaned up
+
+
+def test_rm_kill_and_resume(tmp_path, ckpts):
+    # 8 prompts in batches of 3: the epoch under way at the kill (its order) must carry over
+    ckpt = kill_and_resume("train_rm.py", [*RM_TINY, "--init", ckpts["sft"], "--ckpt-interval", "3"], tmp_path,
+                           kill=("after", 1))
+    assert ckpt["step"] == 3 and len(ckpt["extra"]["order"]) == 8 + 8 - 3 * 3  # two epochs drawn, 9 prompts used
+
+
+def test_ppo_kill_and_resume(tmp_path, ckpts):
+    flags = [*PPO_TINY, "--init", ckpts["sft"], "--reward-model", ckpts["rm"], "--ckpt-interval", "2",
+             "--kl-horizon", "10"]  # a short horizon, so the KL coefficient moves and must be restored
+    ckpt = kill_and_resume("train_ppo.py", flags, tmp_path, kill=("after", 1))
+    assert ckpt["step"] == 2 and ckpt["extra"]["kl_coef"] != 0.05
+    assert {"critic", "policy_opt", "critic_opt", "generator", "prompt_rng"} <= set(ckpt["extra"]["resume"])
+
+
+def test_rrhf_kill_and_resume(tmp_path, ckpts):
+    # killed in the second round, whose candidates were sampled from the trained policy: they must come back
+    flags = [*RRHF_TINY, "--init", ckpts["sft"], "--reward-model", ckpts["rm"], "--ckpt-interval", "3"]
+    ckpt = kill_and_resume("train_rrhf.py", flags, tmp_path, kill=("after", 1))
+    assert ckpt["step"] == 3 and ckpt["extra"]["round"] == 1 and len(ckpt["extra"]["response_ids"]) == 4 * 2
+
+
+def test_resume_refuses_other_arguments_and_fresh_runs_over_it(tmp_path):
+    flags = [*SFT_TINY, "--max-steps", "4", "--ckpt-interval", "2", "--lr", "0.002", "--out", tmp_path / "sft"]
+    run("train_sft.py", *flags, kill=("after", 1))
+    assert_user_error(run_here("train_sft.py", *flags, "--lr", "0.01", "--resume"),
+                      "cannot resume with other arguments", "--lr was 0.002, now 0.01")
+    assert_user_error(run_here("train_sft.py", *flags), "an unfinished run is saved here; pass --resume")
+    assert_user_error(run_here("train_sft.py", *flags[:-1], tmp_path / "elsewhere", "--resume"), "nothing to resume")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The NaN guard and the crafted checkpoint
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_checkpoints(tmp_path):
+    out = tmp_path / "sft"
+    tiny_checkpoint(out)  # the result of an earlier, good run in the same folder
+    before = (out / "ckpt.pt").read_bytes()
+    result = run_here("train_sft.py", *SFT_TINY, "--lr", "1e30", "--warmup-steps", "0", "--max-steps", "6",
+                      "--ckpt-interval", "1", "--out", out)
+    line = assert_user_error(result, "loss is nan", f"the last good checkpoint in {out} stays")
+    step = int(line.split("error: step ")[1].split(":")[0])
+    assert (out / "ckpt.pt").read_bytes() == before
+    assert load_checkpoint(str(out / "resume.pt"))["step"] == step  # the last finite step's, still loadable
+
+
+class Evil:
+    def __reduce__(self):  # unpickling calls os.system(...): code execution from a "checkpoint"
+        return (os.system, (f"touch {Evil.marker}",))
+
+
+def test_crafted_checkpoint_is_refused(tmp_path, ckpts):
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    Evil.marker = str(tmp_path / "pwned")
+    torch.save({"kind": "lm", "config": {}, "tokenizer": "bytes", "model": Evil()}, evil / "ckpt.pt")
+    p = subprocess.run([sys.executable, "train_ppo.py", "--init", str(evil), "--reward-model", ckpts["rm"],
+                        "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert str(evil / "ckpt.pt") in p.stderr and "refused" in p.stderr
+    assert not os.path.exists(Evil.marker)  # the payload never ran
