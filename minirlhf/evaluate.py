@@ -83,10 +83,15 @@ def mean_sem(xs):
     return m, math.sqrt(var / n)
 
 
-def gold_metrics(prompts, texts):
-    """Gold reward mean and standard error, response length, honesty outcome rates (built-in task)."""
+def gold_metrics(prompts, texts, samples_per_prompt=1):
+    """Gold reward mean and standard error, response length, honesty outcome rates (built-in task).
+
+    With several samples per prompt (adjacent in `prompts`) the samples of one prompt are correlated, so
+    the standard error is taken over the per-prompt means: the prompts are the independent draws.
+    """
     gold = [task.judge(p, t) for p, t in zip(prompts, texts)]
-    m, sem = mean_sem(gold)
+    k = samples_per_prompt
+    m, sem = mean_sem([sum(gold[i:i + k]) / k for i in range(0, len(gold), k)])
     outcomes = [task.honesty_outcome(p, t) for p, t in zip(prompts, texts)]
     hard = [o for o in outcomes if o is not None]
     metrics = dict(gold_reward_mean=m, gold_reward_sem=sem,
@@ -104,7 +109,7 @@ def evaluate(model, enc, prompts, max_new_tokens, rms=None, ref=None, samples_pe
     gen = torch.Generator(device=device).manual_seed(seed)
     out = sample_responses(model, enc, prompts, max_new_tokens, batch_size, temperature, generator=gen, device=device)
     texts, ids = [t for t, _ in out], [r for _, r in out]
-    metrics, gold = gold_metrics(prompts, texts)
+    metrics, gold = gold_metrics(prompts, texts, samples_per_prompt)
     metrics["response_len_mean"] = sum(len(r) for r in ids) / len(ids)  # tokens, EOS included
     metrics["eos_rate"] = sum(bool(r) and r[-1] == eos_id(enc) for r in ids) / len(ids)
     max_prompt = model.config.block_size - max_new_tokens
@@ -130,7 +135,7 @@ def best_of_n(model, enc, prompts, max_new_tokens, rms, n, samples_per_prompt=1,
     best = r.argmax(1)                                                       # (N,)
     chosen = [out[i * n + int(j)] for i, j in enumerate(best)]
     texts, ids = [t for t, _ in chosen], [c for _, c in chosen]
-    metrics, gold = gold_metrics(prompts, texts)
+    metrics, gold = gold_metrics(prompts, texts, samples_per_prompt)
     metrics["response_len_mean"] = sum(len(c) for c in ids) / len(ids)
     metrics["eos_rate"] = sum(bool(c) and c[-1] == eos_id(enc) for c in ids) / len(ids)
     metrics["rm_reward_mean"] = r.gather(1, best[:, None]).mean().item()

@@ -62,3 +62,15 @@ def test_chat_answers_one_prompt(tmp_path):
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 2 and all(line.startswith(f"{tmp_path}: ") and "(gold " in line for line in lines)
+
+
+def test_standard_error_counts_prompts_not_samples():
+    from minirlhf.evaluate import gold_metrics, mean_sem
+    prompts = ["What is 1 + 1?", "What is 1 + 1?", "What is 2 + 2?", "What is 2 + 2?", "What is 3 + 3?", "What is 3 + 3?"]
+    texts = ["2", "2", "5", "5", "6", "1"]
+    m, _ = gold_metrics(prompts, texts, samples_per_prompt=2)
+    gold = [task.judge(p, t) for p, t in zip(prompts, texts)]
+    per_prompt = [(gold[0] + gold[1]) / 2, (gold[2] + gold[3]) / 2, (gold[4] + gold[5]) / 2]
+    assert m["gold_reward_mean"] == sum(gold) / 6
+    assert m["gold_reward_sem"] == mean_sem(per_prompt)[1]
+    assert m["gold_reward_sem"] > mean_sem(gold)[1]  # six correlated samples are not six draws
