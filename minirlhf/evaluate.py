@@ -98,6 +98,10 @@ def gold_metrics(prompts, texts, samples_per_prompt=1):
                    response_chars_mean=sum(len(t) for t in texts) / len(texts))
     for o in ("correct", "abstain", "wrong"):
         metrics[f"hard_{o}_rate"] = hard.count(o) / len(hard) if hard else float("nan")
+    # where the gold reward comes from: each criterion's weighted share of gold_reward_mean
+    breakdowns = [task.judge_breakdown(p, t) for p, t in zip(prompts, texts)]
+    for c, w in task.WEIGHTS.items():
+        metrics[f"gold_{c}"] = w * sum(b[c] for b in breakdowns) / len(breakdowns)
     return metrics, gold
 
 

@@ -74,3 +74,5 @@ def test_standard_error_counts_prompts_not_samples():
     assert m["gold_reward_mean"] == sum(gold) / 6
     assert m["gold_reward_sem"] == mean_sem(per_prompt)[1]
     assert m["gold_reward_sem"] > mean_sem(gold)[1]  # six correlated samples are not six draws
+    shares = sum(m[f"gold_{c}"] for c in task.WEIGHTS)
+    assert abs(shares - m["gold_reward_mean"]) < 1e-12  # the per-criterion shares add up to the mean
