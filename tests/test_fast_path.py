@@ -14,6 +14,7 @@ Run: python -m pytest -q tests/test_fast_path.py
 import pytest
 import torch
 
+from minirlhf.data import left_pad  # the package's collation, tested in test_data.py
 from minirlhf.model import GPT, GPTConfig, StaticDecoder, generate, generate_static
 
 
@@ -24,19 +25,12 @@ def tiny(seed=0, **kw):
     return GPT(GPTConfig(**cfg)).eval()
 
 
-def left_pad(prompts, pad=0):
-    P = max(len(p) for p in prompts)
-    idx = torch.tensor([[pad] * (P - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
-    return idx, mask
-
-
 PROMPTS = [[1, 2, 3, 4, 5, 6], [7, 8], [9, 10, 11], [12]]
 
 
 def both(model, prompts, n, eos_id, decoder=None, stop_check_every=None, seed=0, **kw):
     """(plain outputs, static outputs) for the same prompts and seed."""
-    idx, mask = left_pad(prompts)
+    idx, mask = left_pad(prompts, 0)
     decoder = decoder or StaticDecoder(model, len(prompts), idx.size(1) + n)
     plain = generate(model, idx, mask, n, eos_id, generator=torch.Generator().manual_seed(seed), **kw)
     fast = generate_static(decoder, idx, mask, n, eos_id, generator=torch.Generator().manual_seed(seed),
@@ -51,7 +45,7 @@ def assert_same(plain, fast):
 
 def test_step_logits_equal_plain_step():
     model = tiny(1)
-    idx, mask = left_pad(PROMPTS)
+    idx, mask = left_pad(PROMPTS, 0)
     decoder = StaticDecoder(model, len(PROMPTS), 30)
     with torch.no_grad():
         cache = model.new_cache(len(PROMPTS), 30)
@@ -108,7 +102,7 @@ def test_decoder_reused_across_batches():
 
 def test_decoder_refuses_what_does_not_fit():
     model = tiny()
-    idx, mask = left_pad(PROMPTS)
+    idx, mask = left_pad(PROMPTS, 0)
     with pytest.raises(ValueError, match="does not fit"):
         generate_static(StaticDecoder(model, 4, 20), idx, mask, 20, eos_id=49)
     with pytest.raises(ValueError, match="does not fit"):

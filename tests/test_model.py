@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from minirlhf.data import left_pad  # the package's collation, tested in test_data.py
 from minirlhf.model import GPT, GPTConfig, ScalarHead, generate, load_hf_gpt2, read_safetensors, sample_next
 
 
@@ -24,13 +25,6 @@ def tiny(seed=0, **kw):
     cfg = dict(block_size=64, vocab_size=50, n_layer=2, n_head=2, n_embd=32)
     cfg.update(kw)
     return GPT(GPTConfig(**cfg)).eval()
-
-
-def left_pad(prompts, pad=0):
-    P = max(len(p) for p in prompts)
-    idx = torch.tensor([[pad] * (P - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
-    return idx, mask
 
 
 # ---- GPT-2 import --------------------------------------------------------------------------------
@@ -82,7 +76,7 @@ def test_incremental_logits_equal_full_forward():
 
 def test_greedy_with_cache_equals_full_recompute():
     model = tiny(1)
-    idx, mask = left_pad([[1, 2, 3, 4, 5], [7, 8], [9, 10, 11]])
+    idx, mask = left_pad([[1, 2, 3, 4, 5], [7, 8], [9, 10, 11]], 0)
     a = generate(model, idx, mask, 30, eos_id=49, greedy=True)
     b = generate(model, idx, mask, 30, eos_id=49, greedy=True, use_cache=False)
     for x, y in zip(a, b):
@@ -92,13 +86,13 @@ def test_greedy_with_cache_equals_full_recompute():
 def test_padded_batch_equals_each_prompt_alone():
     model = tiny(2)
     prompts = [[3, 4, 5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15]]
-    idx, mask = left_pad(prompts)
+    idx, mask = left_pad(prompts, 0)
     seqs, _, rmask = generate(model, idx, mask, 25, eos_id=49, greedy=True)
     P = idx.size(1)
     with torch.no_grad():
         batch_logits = model(idx, mask)
     for i, p in enumerate(prompts):
-        one, m1 = left_pad([p])
+        one, m1 = left_pad([p], 0)
         s1, _, r1 = generate(model, one, m1, 25, eos_id=49, greedy=True)
         n1 = int(r1.sum())
         assert seqs[i, P:P + n1].tolist() == s1[0, len(p):len(p) + n1].tolist()
@@ -112,10 +106,10 @@ def test_scalar_head_ignores_padding_and_batch():
     torch.manual_seed(0)
     rm = ScalarHead(tiny(3)).eval()
     prompts = [[3, 4, 5, 6], [10, 11]]
-    idx, mask = left_pad(prompts)
+    idx, mask = left_pad(prompts, 0)
     with torch.no_grad():
         both = rm(idx, mask)
-        alone = rm(*left_pad([prompts[1]]))
+        alone = rm(*left_pad([prompts[1]], 0))
     assert (both[1, -2:] - alone[0]).abs().max().item() < 1e-5
 
 
@@ -123,7 +117,7 @@ def test_scalar_head_ignores_padding_and_batch():
 
 def test_seed_reproduces_sample_and_top_k_1_is_greedy():
     model = tiny(4)
-    idx, mask = left_pad([[1, 2, 3], [4, 5, 6, 7]])
+    idx, mask = left_pad([[1, 2, 3], [4, 5, 6, 7]], 0)
     g = lambda s: torch.Generator().manual_seed(s)
     a = generate(model, idx, mask, 20, eos_id=49, generator=g(7))[0]
     b = generate(model, idx, mask, 20, eos_id=49, generator=g(7))[0]
@@ -165,6 +159,6 @@ def test_eos_stops_one_row_while_others_go_on():
 
 def test_generate_refuses_too_long():
     model = tiny()
-    idx, mask = left_pad([[1] * 60])
+    idx, mask = left_pad([[1] * 60], 0)
     with pytest.raises(ValueError, match="block_size"):
         generate(model, idx, mask, 10, eos_id=49)
