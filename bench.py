@@ -49,7 +49,8 @@ from dataclasses import dataclass
 import torch
 
 from minirlhf.cli import arg, parse_args
-from minirlhf.model import GPT, GPTConfig, ScalarHead, StaticDecoder, generate, generate_static
+from minirlhf.fast_decode import StaticDecoder, generate_static
+from minirlhf.model import GPT, GPTConfig, ScalarHead, generate
 from minirlhf.ops import gather_last, masked_whiten, token_logprobs
 from train_ppo import Args as PPOArgs, critic_forward, gae, policy_forward, ppo_policy_loss, ppo_value_loss, token_rewards
 from train_rrhf import Args as RRHFArgs, rrhf_loss

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from minirlhf.data import left_pad  # the package's collation, tested in test_data.py
-from minirlhf.model import GPT, GPTConfig, StaticDecoder, generate, generate_static
+from minirlhf.fast_decode import StaticDecoder, generate_static
+from minirlhf.model import GPT, GPTConfig, generate
 
 
 def tiny(seed=0, **kw):
