@@ -342,6 +342,22 @@ class FixedKLController:
 
 
 
+def critic_from_reward_model(rm) -> ScalarHead:
+    """A trainable copy of reward model `rm` whose output is on the scale of the reward PPO optimises.
+
+    The reward is w * (s - mean) / std (minirlhf.reward), not the raw score s. A plain copy would start
+    the critic off by a factor std / w and an offset mean, which its first updates would spend undoing.
+    Folding the affine map into the head, w' = W * w / std and b' = (b - mean) * w / std, makes the
+    copy's output at the last response token exactly the (single) reward model's term of the reward.
+    """
+    critic = copy.deepcopy(rm.model)
+    scale = rm.weight / rm.std
+    with torch.no_grad():
+        critic.head.weight.mul_(scale)
+        critic.head.bias.sub_(rm.mean).mul_(scale)
+    return critic.requires_grad_(True)
+
+
 @torch.no_grad()
 def rollout(policy, ref, critic, rms, enc, prompts, args, kl_coef, generator):
     """Sample responses and compute everything the update needs; nothing here has a gradient."""
@@ -392,9 +408,7 @@ if __name__ == "__main__":
         p.requires_grad_(False)
     rms = load_reward_models(args.reward_model, device, tokenizer=enc.name, block_size=block_size)
     if args.critic_init == "rm":
-        critic = copy.deepcopy(rms[0].model)
-        for p in critic.parameters():
-            p.requires_grad_(True)
+        critic = critic_from_reward_model(rms[0])
     else:
         critic = ScalarHead(copy.deepcopy(policy))
     critic.to(device)

@@ -5,9 +5,10 @@
 - With the policy equal to the reference, the KL part of every token reward is 0: the rewards are the
   score alone, at each response's last token.
 - The values are shifted like the log-probs: values[:, t] is the critic's output at position t - 1.
-- A subprocess run of train_sft.py -> train_rm.py -> train_ppo.py with tiny configs: the checkpoint
-  loads, the log has every documented key, and the script's own check that the reference and the
-  reward model did not change passes.
+- The critic copied from the reward model starts on the scale of the normalised, weighted reward.
+- A subprocess run of train_ppo.py after the session's tiny SFT -> RM chain (conftest.tiny_chain):
+  the checkpoint loads, the log has every documented key, and the script's own check that the
+  reference and the reward model did not change passes.
 
 Run: python -m pytest -q tests/test_ppo.py
 """
@@ -15,25 +16,24 @@ Run: python -m pytest -q tests/test_ppo.py
 import copy
 import json
 import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import torch
 
+from conftest import run_script
 from minirlhf.model import GPT, GPTConfig, ScalarHead
 from minirlhf.reward import RewardModel
 from minirlhf.tokenizer import get_encoding
 from train_ppo import critic_forward, policy_forward, ppo_policy_stats, rollout
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_models(seed=0):
     torch.manual_seed(seed)
     policy = GPT(GPTConfig(block_size=64, vocab_size=257, n_layer=1, n_head=2, n_embd=32))
     rm = ScalarHead(GPT(GPTConfig(block_size=64, vocab_size=257, n_layer=1, n_head=2, n_embd=32))).eval()
-    return policy, copy.deepcopy(policy).eval(), copy.deepcopy(rm), [RewardModel(rm, 1.0, 0.0, 1.0, "rm", "bytes")]
+    rms = [RewardModel(rm, 1.0, 0.0, 1.0, "rm", "bytes")]
+    return policy, copy.deepcopy(policy).eval(), copy.deepcopy(rm), rms
 
 
 def args(**kw):
@@ -78,29 +78,34 @@ def test_values_are_shifted_like_logprobs():
     assert torch.equal(v[:, 1:], raw[:, :-1]) and (v[:, 0] == 0).all()
 
 
-def run(script, *flags):
-    out = subprocess.run([sys.executable, os.path.join(ROOT, script), *flags], cwd=ROOT, capture_output=True,
-                         text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    return out.stdout
+
+def test_critic_from_the_reward_model_reads_the_normalised_weighted_reward():
+    # The returns the critic regresses on are built from w * (s - mean) / std: a critic copied from the
+    # RM must start on that scale, not the RM's raw one (here std 4, mean 2.5, weight 0.5).
+    from minirlhf.reward import combined_reward
+    from train_ppo import critic_from_reward_model
+    _, _, _, rms = tiny_models(3)
+    rm = RewardModel(rms[0].model.requires_grad_(False), 0.5, 2.5, 4.0, "rm", "bytes")  # frozen, as loaded
+    critic = critic_from_reward_model(rm)
+    seqs = torch.randint(0, 256, (3, 10))
+    attn, mask = torch.ones_like(seqs), torch.zeros_like(seqs)
+    mask[:, 6:] = 1
+    with torch.no_grad():
+        assert torch.allclose(critic(seqs, attn)[:, -1], combined_reward([rm], seqs, attn, mask), atol=1e-6)
+    assert all(p.requires_grad for p in critic.parameters())
+    assert not any(p.requires_grad for p in rm.model.parameters())  # the reward model stays frozen
 
 
-TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "96"]
-
-
-def test_smoke_sft_rm_ppo(tmp_path):
-    sft, rm, ppo = str(tmp_path / "sft"), str(tmp_path / "rm"), str(tmp_path / "ppo")
-    run("train_sft.py", *TINY, "--max-steps", "3", "--n-demos", "64", "--eval-prompts", "8",
-        "--max-new-tokens", "8", "--batch-size", "8", "--out", sft)
-    run("train_rm.py", "--init", sft, "--n-prompts", "8", "--eval-prompts", "4", "--max-steps", "2",
-        "--batch-size", "4", "--max-new-tokens", "8", "--out", rm)
-    out = run("train_ppo.py", "--init", sft, "--reward-model", rm, "--max-steps", "2", "--batch-size", "8",
-              "--minibatch-size", "4", "--ppo-epochs", "2", "--max-new-tokens", "8", "--eval-prompts", "6",
-              "--out", ppo)
+def test_smoke_sft_rm_ppo(tiny_chain, tmp_path):
+    sft, rm, ppo = tiny_chain["sft"], tiny_chain["rm"], str(tmp_path / "ppo")
+    out = run_script("train_ppo.py", "--init", sft, "--reward-model", rm, "--max-steps", "2",
+                     "--batch-size", "8", "--minibatch-size", "4", "--ppo-epochs", "2", 
+                     "--max-new-tokens", "8",
+                     "--eval-prompts", "6", "--out", ppo).stdout
     assert "reference and reward models unchanged: ok" in out
     rows = [json.loads(line) for line in open(os.path.join(ppo, "metrics.jsonl"))]
-    keys = {"rm_reward", "gold_reward", "kl", "kl_coef", "entropy", "approx_kl", "clipfrac", "pg_loss", "vf_loss",
-            "explained_var", "response_len", "eos_rate"}
+    keys = {"rm_reward", "gold_reward", "kl", "kl_coef", "entropy", "approx_kl", "clipfrac", "pg_loss",
+            "vf_loss", "explained_var", "response_len", "eos_rate"}
     assert len(rows) == 2 and keys <= set(rows[0])
     assert rows[0]["first_approx_kl"] == 0.0  # the first minibatch sees the rollout policy itself
     from minirlhf.checkpoint import load_model
