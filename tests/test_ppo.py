@@ -99,9 +99,8 @@ def test_critic_from_the_reward_model_reads_the_normalised_weighted_reward():
 def test_smoke_sft_rm_ppo(tiny_chain, tmp_path):
     sft, rm, ppo = tiny_chain["sft"], tiny_chain["rm"], str(tmp_path / "ppo")
     out = run_script("train_ppo.py", "--init", sft, "--reward-model", rm, "--max-steps", "2",
-                     "--batch-size", "8", "--minibatch-size", "4", "--ppo-epochs", "2", 
-                     "--max-new-tokens", "8",
-                     "--eval-prompts", "6", "--out", ppo).stdout
+                     "--batch-size", "8", "--minibatch-size", "4", "--ppo-epochs", "2",
+                     "--max-new-tokens", "8", "--eval-prompts", "6", "--out", ppo).stdout
     assert "reference and reward models unchanged: ok" in out
     rows = [json.loads(line) for line in open(os.path.join(ppo, "metrics.jsonl"))]
     keys = {"rm_reward", "gold_reward", "kl", "kl_coef", "entropy", "approx_kl", "clipfrac", "pg_loss",
