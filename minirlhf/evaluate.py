@@ -62,16 +62,21 @@ def score(rms, enc, prompts, responses, max_len, batch_size=64, device="cpu"):
 
 
 @torch.no_grad()
-def sequence_kl(policy, ref, enc, prompts, responses, max_len, batch_size=64, device="cpu"):
-    """Per-sample KL estimate sum_t [log pi(y_t) - log pi_ref(y_t)] over response tokens sampled from
-    the policy (k1: an unbiased estimate of KL(pi || pi_ref) per sequence)."""
+def sequence_kl(policy, ref, enc, prompts, responses, max_len, batch_size=64, temperature=1.0, device="cpu"):
+    """Per-sample KL estimate sum_t [log pi_T(y_t) - log pi_ref,T(y_t)] over response tokens sampled from
+    pi_T, the policy at `temperature` T (k1: an unbiased estimate of KL(pi_T || pi_ref,T) per sequence).
+
+    Both models are taken at the temperature the samples were drawn at (logits / T): the estimate is
+    only unbiased under the distribution that produced the tokens, and comparing with the reference at
+    the same T asks how far training moved the sampler, not how far T moved it. A single k1 term can be
+    negative; its mean over many samples is not, up to noise."""
     out = []
     for i in range(0, len(prompts), batch_size):
         p_ids, _ = encode_prompts(enc, prompts[i:i + batch_size], max_len)
         idx, attn, resp = join_prompt_response(p_ids, responses[i:i + batch_size], eos_id(enc))
         idx, attn, resp = idx.to(device), attn.to(device), resp.to(device)
-        lp = token_logprobs(policy(idx, attn), idx)
-        ref_lp = token_logprobs(ref(idx, attn), idx)
+        lp = token_logprobs(policy(idx, attn).float() / temperature, idx)
+        ref_lp = token_logprobs(ref(idx, attn).float() / temperature, idx)
         out.append(((lp - ref_lp) * resp).sum(1).cpu())
     return torch.cat(out)
 
@@ -81,6 +86,20 @@ def mean_sem(xs):
     m = sum(xs) / n
     var = sum((x - m) ** 2 for x in xs) / max(1, n - 1)
     return m, math.sqrt(var / n)
+
+
+def correct_rate_by_kind(prompts, texts) -> dict[str, float]:
+    """{kind: share of that kind's answers graded right} over the task's kinds present in `prompts`
+    ("hard" counts a right product; an abstention is not right)."""
+    right, seen = {}, {}
+    for p, t in zip(prompts, texts):
+        kind = task.prompt_kind(p)
+        if kind is None:
+            continue
+        ok = task.honesty_outcome(p, t) == "correct" if kind == "hard" else task.correctness(p, t) > 0
+        right[kind] = right.get(kind, 0) + ok
+        seen[kind] = seen.get(kind, 0) + 1
+    return {k: right[k] / seen[k] for k in task.KINDS if k in seen}
 
 
 def gold_metrics(prompts, texts, samples_per_prompt=1):
@@ -95,7 +114,8 @@ def gold_metrics(prompts, texts, samples_per_prompt=1):
     outcomes = [task.honesty_outcome(p, t) for p, t in zip(prompts, texts)]
     hard = [o for o in outcomes if o is not None]
     metrics = dict(gold_reward_mean=m, gold_reward_sem=sem,
-                   response_chars_mean=sum(len(t) for t in texts) / len(texts))
+                   response_chars_mean=sum(len(t) for t in texts) / len(texts),
+                   correct_rate_by_kind=correct_rate_by_kind(prompts, texts))
     for o in ("correct", "abstain", "wrong"):
         metrics[f"hard_{o}_rate"] = hard.count(o) / len(hard) if hard else float("nan")
     # where the gold reward comes from: each criterion's weighted share of gold_reward_mean
@@ -106,29 +126,43 @@ def gold_metrics(prompts, texts, samples_per_prompt=1):
 
 
 def evaluate(model, enc, prompts, max_new_tokens, rms=None, ref=None, samples_per_prompt=1,
-             temperature=1.0, seed=0, batch_size=64, device="cpu"):
-    """Sample, then measure: -> (metrics dict, list of (prompt, response, gold) samples)."""
+             temperature=1.0, seed=0, batch_size=64, device="cpu", greedy=False):
+    """Sample, then measure: -> (metrics dict, list of (prompt, response, gold) samples).
+
+    With `greedy`, also the per-kind correct rate of one greedy answer per prompt
+    (`greedy_correct_rate_by_kind`): what the model knows, apart from what sampling costs it."""
     model.eval()
+    metrics = {}
+    if greedy:
+        out = sample_responses(model, enc, prompts, max_new_tokens, batch_size, greedy=True, device=device)
+        metrics["greedy_correct_rate_by_kind"] = correct_rate_by_kind(prompts, [t for t, _ in out])
     prompts = [p for p in prompts for _ in range(samples_per_prompt)]
     gen = torch.Generator(device=device).manual_seed(seed)
     out = sample_responses(model, enc, prompts, max_new_tokens, batch_size, temperature, generator=gen, device=device)
     texts, ids = [t for t, _ in out], [r for _, r in out]
-    metrics, gold = gold_metrics(prompts, texts, samples_per_prompt)
+    gm, gold = gold_metrics(prompts, texts, samples_per_prompt)
+    metrics = {**gm, **metrics}
     metrics["response_len_mean"] = sum(len(r) for r in ids) / len(ids)  # tokens, EOS included
     metrics["eos_rate"] = sum(bool(r) and r[-1] == eos_id(enc) for r in ids) / len(ids)
     max_prompt = model.config.block_size - max_new_tokens
     if rms:
         metrics["rm_reward_mean"] = score(rms, enc, prompts, ids, max_prompt, batch_size, device).mean().item()
     if ref is not None:
-        metrics["kl_to_sft"] = sequence_kl(model, ref, enc, prompts, ids, max_prompt, batch_size, device).mean().item()
+        kl = sequence_kl(model, ref, enc, prompts, ids, max_prompt, batch_size, temperature, device)
+        metrics["kl_to_sft"] = kl.mean().item()
     return metrics, list(zip(prompts, texts, gold))
 
 
 def best_of_n(model, enc, prompts, max_new_tokens, rms, n, samples_per_prompt=1, temperature=1.0, seed=0,
               batch_size=64, device="cpu"):
     """The baseline every RLHF method is compared with: sample n responses from the (SFT) policy, keep the
-    one the reward model scores highest. No training; its KL to the policy is known in closed form,
-    log n - (n - 1) / n (Stiennon et al. 2020, Appendix G.3), and it costs n samples per answer."""
+    one the reward model scores highest. No training, and it costs n samples per answer.
+
+    Its KL to the policy is reported as log n - (n - 1) / n (Stiennon et al. 2020, Appendix G.3): the
+    exact value only when the n samples are all distinct, and otherwise an upper bound (Beirami et al.
+    2024, "Theoretical guarantees on the best-of-n alignment policy"). A small model repeats itself
+    often, so the true KL here is lower; the key is `kl_to_sft_bound` and `kl_to_sft` carries the same
+    number so the report's KL column stays comparable across methods."""
     model.eval()
     prompts = [p for p in prompts for _ in range(samples_per_prompt)]
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -143,7 +177,7 @@ def best_of_n(model, enc, prompts, max_new_tokens, rms, n, samples_per_prompt=1,
     metrics["response_len_mean"] = sum(len(c) for c in ids) / len(ids)
     metrics["eos_rate"] = sum(bool(c) and c[-1] == eos_id(enc) for c in ids) / len(ids)
     metrics["rm_reward_mean"] = r.gather(1, best[:, None]).mean().item()
-    metrics["kl_to_sft"] = math.log(n) - (n - 1) / n
+    metrics["kl_to_sft"] = metrics["kl_to_sft_bound"] = math.log(n) - (n - 1) / n  # an upper bound
     return metrics, list(zip(prompts, texts, gold))
 
 
@@ -184,7 +218,10 @@ def main(argv=None):
                                         args.samples_per_prompt, args.temperature, args.seed)
         results[path] = metrics
         all_samples[path] = samples[:: args.samples_per_prompt][:20]
-        print(f"{path}: " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        print(f"{path}: " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, (int, float))))
+        for k, v in metrics.items():
+            if isinstance(v, dict):  # the per-kind rates
+                print(f"    {k}: " + " ".join(f"{kind} {rate:.2f}" for kind, rate in v.items()))
         for p, t, g in samples[:3]:
             print(f"    {p!r} -> {t!r} (gold {g:+.2f})")
     if args.json:
