@@ -196,6 +196,7 @@ def main(argv=None):
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--best-of-n", type=int, default=0, help="evaluate best-of-n sampling with the reward model instead")
+    ap.add_argument("--greedy", action="store_true", help="also the per-kind correct rate of greedy answers")
     ap.add_argument("--json", default="", help="also write the metrics here")
     ap.add_argument("--samples-json", default="", help="write the samples here (default: beside --json)")
     args = ap.parse_args(argv)
@@ -215,7 +216,7 @@ def main(argv=None):
             metrics["peak_memory_mb"] = peak_memory_mb()
         else:
             metrics, samples = evaluate(model, enc, prompts, args.max_new_tokens, rms, ref,
-                                        args.samples_per_prompt, args.temperature, args.seed)
+                                        args.samples_per_prompt, args.temperature, args.seed, greedy=args.greedy)
         results[path] = metrics
         all_samples[path] = samples[:: args.samples_per_prompt][:20]
         print(f"{path}: " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, (int, float))))
