@@ -66,9 +66,9 @@ from minirlhf.checkpoint import load_model, remove_resume, resume_or_start, save
 from minirlhf.cli import Log, arg, check_finite, parse_args, peak_memory_mb, require
 from minirlhf.data import PairRecord, RankRecord, SFTRecord, join_prompt_response, read_jsonl
 from minirlhf.evaluate import encode_prompts, evaluate, sample_responses, score
-from minirlhf.ops import masked_mean, token_logprobs
+from minirlhf.ops import token_logprobs
 from minirlhf.reward import load_reward_models
-from minirlhf.tokenizer import encode_response, eos_id, get_encoding
+from minirlhf.tokenizer import encode_response, eos_id, load_tokenizer
 
 
 @dataclass
@@ -135,6 +135,12 @@ def rrhf_loss(
 
     Returns a scalar.
     """
+    t = _rrhf_terms(logprobs, mask, rewards, length_penalty)
+    return (t["rank_loss"] + t["ft_loss"]).mean()
+
+
+def _rrhf_terms(logprobs, mask, rewards, length_penalty):
+    """The quantities rrhf_loss is made of, per prompt; `rrhf_stats` reads the same ones."""
     mask = mask.to(logprobs.dtype)
     lengths = mask.sum(dim=-1).clamp(min=1.0)  # (B, K)
     seq_logprobs = (logprobs * mask).sum(dim=-1)  # (B, K)
@@ -147,7 +153,21 @@ def rrhf_loss(
 
     best = rewards.argmax(dim=1, keepdim=True)  # (B, 1); argmax returns the first maximum on ties
     ft_loss = -(seq_logprobs / lengths).gather(1, best).squeeze(1)  # (B,)
-    return (rank_loss + ft_loss).mean()
+    return dict(scores=scores, pairs=pairs, rank_loss=rank_loss, ft_loss=ft_loss)
+
+
+@torch.no_grad()
+def rrhf_stats(logprobs, mask, rewards, length_penalty: float = 1.0) -> dict[str, torch.Tensor]:
+    """What rrhf_loss computed, for the log (no gradient); arguments as in `rrhf_loss`.
+
+    rank_loss: L_rank and sft_loss: L_ft, each averaged over the prompts (they sum to the loss);
+    rank_acc:  of the pairs with r_i < r_j, the share whose scores the policy already orders, p_i < p_j.
+    """
+    t = _rrhf_terms(logprobs, mask, rewards, length_penalty)
+    scores, pairs = t["scores"], t["pairs"]
+    ordered = (scores[:, :, None] < scores[:, None, :]).to(pairs.dtype) * pairs  # (B, K, K)
+    return dict(rank_loss=t["rank_loss"].mean(), sft_loss=t["ft_loss"].mean(),
+                rank_acc=ordered.sum() / pairs.sum().clamp(min=1.0))
 
 
 if __name__ == "__main__":
@@ -166,7 +186,7 @@ if __name__ == "__main__":
 
     # ---- models: the policy and the reward model(s); the SFT copy only measures KL -----------------
     model, ck = load_model(args.init, device, kind="lm")
-    enc = get_encoding(ck["tokenizer"])
+    enc = load_tokenizer(ck)
     model.train()
     require(0 < args.max_new_tokens < model.config.block_size, f"--max-new-tokens {args.max_new_tokens} must be "
             f"positive and leave room for a prompt in the context of {model.config.block_size} tokens")
@@ -288,22 +308,13 @@ if __name__ == "__main__":
 
         monitor = builtin and (step % args.eval_interval == 0 or step == args.max_steps - 1)
         if step % 10 == 0 or step == args.max_steps - 1 or monitor:
-            with torch.no_grad():
-                # rrhf_loss returns L_rank + L_ft; split it for the log. L_ft = -(mean log-prob of the best).
-                r = batch_rewards
-                best = r.argmax(1, keepdim=True)                                             # (B, 1)
-                sft_term = -masked_mean(logprobs, mask, dim=-1).gather(1, best).mean()
-                # rank_acc: of the pairs with r_i < r_j, the share the policy already orders (p_i < p_j)
-                scores = (logprobs * mask).sum(-1) / mask.sum(-1).clamp(min=1) ** args.length_penalty  # (B, K)
-                pairs = r[:, :, None] < r[:, None, :]                                        # (B, K, K)
-                ordered = (scores[:, :, None] < scores[:, None, :]) & pairs
-                metrics = dict(loss=loss.item(), rank_loss=(loss - sft_term).item(), sft_loss=sft_term.item(),
-                               rank_acc=(ordered.sum() / pairs.sum().clamp(min=1)).item(), rm_reward=r.mean().item())
-                if builtin:  # the gold of the candidates, and of the one the RM ranks first
-                    batch_gold = gold[idx]                                                   # (B, K)
-                    metrics.update(gold_reward=batch_gold.mean().item(),
-                                   gold_reward_best=batch_gold.gather(1, best.cpu()).mean().item())
-                metrics.update(grad_norm=grad_norm.item(), lr=lr_at(step), ms=(time.time() - t0) * 1000)
+            metrics = dict(loss=loss, **rrhf_stats(logprobs, mask, batch_rewards, args.length_penalty),
+                           rm_reward=batch_rewards.mean())
+            if builtin:  # the gold of the candidates, and of the one the RM ranks first (L_ft's target)
+                batch_gold = gold[idx]                                                       # (B, K)
+                best = batch_rewards.argmax(1, keepdim=True).cpu()                           # (B, 1)
+                metrics.update(gold_reward=batch_gold.mean(), gold_reward_best=batch_gold.gather(1, best).mean())
+            metrics.update(grad_norm=grad_norm, lr=lr_at(step), ms=(time.time() - t0) * 1000)
             if monitor:
                 # the policy's own samples on held-out prompts: what training has done so far (same seed
                 # every time, so the points differ by the policy, not by the sampling noise)

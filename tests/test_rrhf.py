@@ -1,7 +1,7 @@
 """Smoke test of the RRHF stage: train_rrhf.py runs end to end after SFT and a reward model.
 
-Chains tiny runs through a temporary folder (SFT -> reward model -> RRHF) as subprocesses, the way a
-user runs them, and checks that the RRHF checkpoint loads as a language model with its evaluation
+Runs RRHF as a subprocess, the way a user runs it, after the session's tiny SFT -> reward model chain
+(conftest.tiny_chain), and checks that the RRHF checkpoint loads as a language model with its evaluation
 metrics, and that metrics.jsonl holds the logged keys. A second RRHF run takes its prompts from a k-way
 JSONL file with 3 and 2 responses per record (so prompts get different numbers of policy samples to
 reach the same K) and sums two weighted reward models (the same one twice). The math itself is tested in
@@ -12,23 +12,17 @@ Run: python -m pytest -q tests/test_rrhf.py
 
 import json
 import os
-import subprocess
-import sys
 
+from conftest import run_script
 from minirlhf.checkpoint import load_model
 from minirlhf.data import write_jsonl
 from minirlhf.model import GPT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--max-new-tokens", "8", "--seed", "0"]
 
 
 def run(script, *args):
-    env = dict(os.environ, OMP_NUM_THREADS="1")  # the tiny models gain nothing from threads
-    out = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, f"{script} failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}"
-    return out.stdout
+    return run_script(script, *args).stdout
 
 
 def read_metrics(path):
@@ -36,13 +30,8 @@ def read_metrics(path):
         return [json.loads(line) for line in f]
 
 
-def test_rrhf_after_sft_and_rm(tmp_path):
-    sft, rm, rrhf = str(tmp_path / "sft"), str(tmp_path / "rm"), str(tmp_path / "rrhf")
-    run("train_sft.py", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--max-steps", "3", "--n-demos", "64",
-        "--eval-prompts", "8", "--out", sft, *TINY)
-    run("train_rm.py", "--init", sft, "--n-prompts", "8", "--eval-prompts", "4", "--max-steps", "2", "--batch-size", "4",
-        "--out", rm, *TINY)
-
+def test_rrhf_after_sft_and_rm(tiny_chain, tmp_path):
+    sft, rm, rrhf = tiny_chain["sft"], tiny_chain["rm"], str(tmp_path / "rrhf")
     stdout = run("train_rrhf.py", "--init", sft, "--reward-model", rm, "--out", rrhf, "--max-steps", "4",
                  "--rounds", "2", "--batch-size", "2", "--k", "3", "--n-prompts", "4",
                  "--eval-interval", "2", "--monitor-prompts", "4", "--eval-prompts", "6", *TINY)

@@ -12,7 +12,7 @@ Run: python -m pytest -q tests/test_rrhf_loss.py
 import pytest
 import torch
 
-from train_rrhf import rrhf_loss
+from train_rrhf import rrhf_loss, rrhf_stats
 from train_sft import sft_loss
 
 F64 = torch.float64
@@ -128,3 +128,16 @@ def test_does_not_mutate_inputs():
     rrhf_loss(logprobs, mask, rewards, 0.5)
     for x, c in zip((logprobs, mask, rewards), copies):
         assert torch.equal(x, c)
+
+
+def test_stats_are_the_terms_of_the_loss():
+    logprobs, mask, rewards = random_inputs(B=3, K=4, T=6, seed=11)
+    for alpha in (0.0, 1.0):
+        s = rrhf_stats(logprobs, mask, rewards, alpha)
+        assert torch.allclose(s["rank_loss"] + s["sft_loss"], rrhf_loss(logprobs, mask, rewards, alpha))
+    # hand values: p = (-1, -2, -3), rewards (0, 5, 5): pairs (0, 1), (0, 2), both misordered (p_0 > p_j)
+    logprobs = torch.tensor([[[-1.0, -1.0], [-2.0, -2.0], [-3.0, -3.0]]], dtype=F64)
+    s = rrhf_stats(logprobs, torch.ones(1, 3, 2), torch.tensor([[0.0, 5.0, 5.0]], dtype=F64))
+    assert (s["rank_loss"].item(), s["sft_loss"].item(), s["rank_acc"].item()) == (3.0, 2.0, 0.0)
+    s = rrhf_stats(logprobs, torch.ones(1, 3, 2), torch.tensor([[9.0, 5.0, 1.0]], dtype=F64))
+    assert (s["rank_loss"].item(), s["rank_acc"].item()) == (0.0, 1.0)  # already in the reward's order
