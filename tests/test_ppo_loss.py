@@ -14,7 +14,7 @@ Checks, each against an independent float64 reference (Python loops, hand comput
 - gradchecks (float64) of every differentiable function; inputs never mutated.
 - AdaptiveKLController against hand computations (both clip limits); FixedKLController is constant.
 
-Run: python -m pytest -q tests/test_ppo_math.py
+Run: python -m pytest -q tests/test_ppo_loss.py
 """
 
 import math
