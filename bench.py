@@ -1,10 +1,10 @@
-"""Benchmark: how fast minirlhf samples, trains and runs a PPO iteration, as one markdown report.
+"""Benchmark: how fast minirlhf samples and trains, and what each RLHF method's step costs, in one report.
 
-    python bench.py                  # CPU: the built-in task's model (4 layers, 4 heads, 128 wide, vocab 257)
-    python bench.py --device cuda    # GPU: GPT-2 124M (12 layers, 12 heads, 768 wide, vocab 50257), random weights
-    python bench.py --quick          # a tiny model and sizes, a few seconds: the smoke test runs this
+    python bench.py                  # CPU: the task's model (4 layers, 4 heads, 128 wide, vocab 257)
+    python bench.py --device cuda    # GPU: GPT-2 124M (12 layers, 12 heads, 768 wide, vocab 50257)
+    python bench.py --quick          # a tiny model and sizes, seconds: the smoke test runs this
 
-Sections (`--sections sampling,training,ppo`):
+Random weights throughout. Sections (`--sections sampling,training,methods`):
 
 - Sampling: new tokens per second at batch 64 (and 256 on a GPU), prompt 64, 256 new tokens, for
   `generate` with the KV cache, the static-cache fast path `generate_static` (and on a GPU the same
@@ -14,55 +14,73 @@ Sections (`--sections sampling,training,ppo`):
   is also a ratio to the KV-cache row. The EOS id passed to our sampler is `vocab_size`, an id no
   model can emit, and Hugging Face is given `min_new_tokens=256`: no row stops early, so every method
   does the same work. Random prompts, temperature 1, no top-k or top-p.
-- Training: tokens per second of one SFT step (forward, the loss of train_sft.py, backward, gradient
-  clipping, AdamW) and model FLOP/s, as a fraction of the peak of a large matrix product measured in
-  the same run (MFU: bf16 on a GPU; on the CPU the fp32 peak of one process, shown for scale only).
-  FLOPs per token are 6N + 12·L·H·Q·T (Kaplan et al. 2020 and PaLM's appendix B, as nanoGPT counts):
-  N = every parameter but the position embeddings, L layers, H heads of size Q, T tokens of context.
-  The token embedding is in N because it is also the output layer, a real matrix product; the
-  attention term counts the full T x T score matrix, as that formula does, not the causal half.
-- PPO: one iteration at train_ppo.py's defaults (64 prompts, 4 epochs of 2 minibatches of 32) split
-  into rollout (`generate`), scoring (policy and reference log-probs, reward model, critic; per-token
-  rewards and GAE) and update, built from train_ppo's own functions; then the memory of that iteration
-  (4 models, 2 Adam optimizers) next to one RRHF step of train_rrhf.py (policy and reward model, 1 AdamW,
-  K=4 candidates for each prompt of its default batch). Each runs in a fresh process of its own (`--probe`), so that neither
-  sees the other's memory. Memory is counted two ways: the bytes of weights, gradients and optimizer
-  state (exact, from the parameter counts), and the measured peak: torch.cuda.max_memory_allocated
-  on a GPU; on the CPU (Linux) the peak resident set size over the measurement minus the resident
-  size at its start, which also counts pages the allocator keeps after a tensor is freed.
+- Training: tokens per second of one SFT step (forward, the mean token cross-entropy in float32, which
+  is train_sft.py's loss when every token is a response token, backward, gradient clipping, AdamW) and
+  model FLOP/s, as a fraction of the peak of a large matrix product measured in the same run (MFU: bf16
+  on a GPU; on the CPU the fp32 peak of one process, shown for scale only). FLOPs per token are
+  6N + 12·L·H·Q·T (Kaplan et al. 2020 and PaLM's appendix B, as nanoGPT counts): N = every parameter
+  but the position embeddings, L layers, H heads of size Q, T tokens of context. The token embedding
+  is in N because it is also the output layer, a real matrix product; the attention term counts the
+  full T x T score matrix, as that formula does, not the causal half.
+- Methods: the stage scripts themselves, nothing copied from them. bench.py writes a random SFT
+  checkpoint, a random reward model and a prompts file (random words, longer than the prompt length,
+  so every script cuts each prompt to its last 48 tokens, 64 on a GPU; with `--data` no script runs its
+  gold evaluation), then runs `train_ppo.py`, `train_rrhf.py` and `train_grpo.py` (when present) for
+  `--steps` steps, each in a process of its own, and reads what they write: the phase times each step
+  logs in metrics.jsonl (`rollout_ms`: sampling; `score_ms`: the forwards that score the samples;
+  `ms`: the step) and `peak_memory_mb` and `models_in_memory` from the checkpoint's `extra`. The
+  scripts run at their defaults (PPO: 64 prompts, 4 epochs of 2 minibatches of 32; RRHF: 8 prompts x
+  K = 4; GRPO: 8 prompts x G = 8), with 48 new tokens (256 on a GPU). RRHF samples and scores once per
+  round: here every step is a round of one batch (`--rounds` = steps, `--n-prompts` = batch), so its
+  step is sampling, scoring and update as PPO's is (its `ms` is the update alone). A script that logs
+  no `score_ms` gets its whole step only. Memory is counted two ways: the bytes of weights, gradients
+  and optimizer state (exact, from the parameter counts), and the peak the script reports:
+  torch.cuda.max_memory_allocated on a GPU; on the CPU the process's peak resident set size, which
+  includes Python and torch (the report gives a bare `import torch` process's for scale).
 
-Timings are the fastest of up to 3 runs after a warm-up (fewer when a run takes over 10 s; for
-training each run is several steps, for PPO one iteration after one warm-up iteration); on CUDA with
-torch.cuda.synchronize() around each. On a GPU, sampling runs on a bf16 copy of the weights, training
-and PPO under bf16 autocast with TF32 on, as the stage scripts do. Sizes are flags; see --help.
+Timings: sampling and training are the fastest of up to 3 runs after a warm-up (fewer when a run takes
+over 10 s; for training each run is several steps), with torch.cuda.synchronize() around each on CUDA.
+A method's row is the step whose time is the median of the steps after the first (the first pays for
+warm-up: allocations, kernel choices), the faster of the middle two for an even count: one step's
+phases, which add up. On a GPU, sampling runs on a bf16 copy of the weights, training under bf16
+autocast with TF32 on, as the stage scripts do. Sizes are flags; see --help.
 """
 
-import copy
 import json
 import os
 import platform
+import random
+import string
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
+from minirlhf.checkpoint import load_checkpoint, save_checkpoint
 from minirlhf.cli import arg, parse_args
+from minirlhf.data import write_jsonl
 from minirlhf.fast_decode import StaticDecoder, generate_static
 from minirlhf.model import GPT, GPTConfig, ScalarHead, generate
-from minirlhf.ops import gather_last, masked_whiten, token_logprobs
-from train_ppo import Args as PPOArgs, critic_forward, gae, policy_forward, ppo_policy_loss, ppo_value_loss, token_rewards
-from train_rrhf import Args as RRHFArgs, rrhf_loss
-from train_sft import sft_loss
+from minirlhf.tokenizer import get_encoding
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+SECTIONS = ("sampling", "training", "methods")
+# On the CPU a script reports its peak as ru_maxrss, which Linux starts at the high-water mark of the
+# process that launched it (carried across fork and exec): this one's, after the sampling section, is
+# larger than a script's own. Each script is started from a fresh, small Python instead, as from a shell.
+LAUNCHER = [sys.executable, "-c", "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))"]
 
 
 @dataclass
 class Args:
-    """Benchmark sampling, training and PPO; prints markdown tables."""
+    """Benchmark sampling, training and the RLHF methods' steps; prints markdown tables."""
     device: str = arg("auto", "cpu | cuda | auto")
-    quick: bool = arg(False, "tiny model and sizes: a smoke run of every row in a few seconds")
-    sections: str = arg("sampling,training,ppo", "which sections to run, comma-separated")
+    quick: bool = arg(False, "tiny model and sizes: a smoke run of every row in seconds")
+    sections: str = arg(",".join(SECTIONS), "which sections to run, comma-separated")
     batch_sizes: str = arg("", "sampling batch sizes, comma-separated ('' = 64 on the CPU, 64,256 on a GPU)")
     prompt_len: int = arg(64, "sampling: prompt tokens")
     new_tokens: int = arg(256, "sampling: new tokens per row")
@@ -70,10 +88,11 @@ class Args:
     hf: bool = arg(True, "add the Hugging Face generate row when transformers is importable")
     sft_batch: int = arg(0, "training: sequences per step (0 = 64 on the CPU, 16 on a GPU)")
     sft_len: int = arg(0, "training: tokens per sequence (0 = 128 on the CPU, 1024 on a GPU)")
-    ppo_prompt_len: int = arg(0, "PPO and RRHF: prompt tokens (0 = 48 on the CPU, 64 on a GPU)")
-    ppo_new_tokens: int = arg(0, "PPO and RRHF: response tokens (0 = train_ppo's 48 on the CPU, 256 on a GPU)")
+    method_prompt_len: int = arg(0, "methods: prompt tokens (0 = 48 on the CPU, 64 on a GPU)")
+    method_new_tokens: int = arg(0, "methods: response tokens (0 = the scripts' 48 on the CPU, 256 on a GPU)")
+    steps: int = arg(0, "methods: steps each script runs, the first a warm-up (0 = 3 with --quick, else 4)")
+    tokenizer: str = arg("", "methods: '' = bytes for vocab 257, gpt2 for 50257; or a gpt2.tiktoken path")
     seed: int = arg(1337, "random seed")
-    probe: str = arg("", "internal: 'ppo' or 'rrhf' runs that measurement in this process and prints JSON")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -85,8 +104,9 @@ def model_config(args, device, block_size):
     if args.quick:
         return GPTConfig(block_size=block_size, vocab_size=257, n_layer=2, n_head=2, n_embd=64)
     if device == "cuda":  # GPT-2 124M
-        return GPTConfig(block_size=max(block_size, 1024), vocab_size=50257, n_layer=12, n_head=12, n_embd=768)
-    return GPTConfig(block_size=block_size, vocab_size=257, n_layer=4, n_head=4, n_embd=128)  # train_sft's default
+        return GPTConfig(block_size=max(block_size, 1024), vocab_size=50257, n_layer=12, n_head=12,
+                         n_embd=768)
+    return GPTConfig(block_size=block_size, vocab_size=257, n_layer=4, n_head=4, n_embd=128)  # train_sft's
 
 
 def sync(device):
@@ -195,19 +215,20 @@ def bench_sampling(args, device, batch_sizes, use_compile):
             dec = StaticDecoder(model, B, P + N, compile=True)
             # the warm-up must be full length: torch.compile records the step's graph on its first calls
             methods.append(("static KV cache + torch.compile", static(dec, N), static(dec, N)))
-        methods.append(("full recompute (`use_cache=False`)", ours(8, use_cache=False), ours(N, use_cache=False)))
+        methods.append(("full recompute (`use_cache=False`)", ours(8, use_cache=False),
+                        ours(N, use_cache=False)))
         if hf is not None:
             def hf_run(n):
-                return lambda: hf.generate(input_ids=idx, attention_mask=mask, do_sample=True, max_new_tokens=n,
-                                           min_new_tokens=n, top_k=0, top_p=1.0, temperature=1.0,
-                                           pad_token_id=V - 1, eos_token_id=V - 1)
+                return lambda: hf.generate(input_ids=idx, attention_mask=mask, do_sample=True,
+                                           max_new_tokens=n, min_new_tokens=n, top_k=0, top_p=1.0,
+                                           temperature=1.0, pad_token_id=V - 1, eos_token_id=V - 1)
             methods.append(("Hugging Face `generate`", hf_run(8), hf_run(N)))
         base = None
         for name, warmup, run in methods:
             timed(warmup, device)
             seconds, out = fastest(run, device)
             seqs = out[0] if isinstance(out, tuple) else out
-            assert seqs.shape == (B, P + N), f"{name}: {tuple(seqs.shape)}, expected every row to run {N} steps"
+            assert seqs.shape == (B, P + N), f"{name}: {tuple(seqs.shape)}, expected {N} steps in every row"
             rate = B * N / seconds
             base = base or rate  # the first row is the KV cache
             rows.append((name, B, fmt_rate(rate), f"{rate / base:.2f}x"))
@@ -248,20 +269,22 @@ def bench_training(args, device, use_compile):
         torch.manual_seed(args.seed)
         model = GPT(model_config(args, device, T)).to(device).train()
         if not compiled:
-            print(f"{describe(model)}; FLOPs per token 6N + 12·L·H·Q·T = {flops_per_token(model, T) / 1e6:.1f}M "
-                  f"with N = {model.num_params() / 1e6:.2f}M (all parameters but the position embeddings)\n")
+            print(f"{describe(model)}; FLOPs per token 6N + 12·L·H·Q·T = "
+                  f"{flops_per_token(model, T) / 1e6:.1f}M with N = {model.num_params() / 1e6:.2f}M "
+                  "(all parameters but the position embeddings)\n")
         decay = [p for p in model.parameters() if p.dim() >= 2]  # as train_sft.py builds it
         no_decay = [p for p in model.parameters() if p.dim() < 2]
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                                       {"params": no_decay, "weight_decay": 0.0}],
                                       lr=1e-4, betas=(0.9, 0.95), fused=(device == "cuda"))
         train_model = torch.compile(model) if compiled else model
         tokens = torch.randint(0, model.config.vocab_size, (B, T + 1), device=device)
-        mask = torch.ones(B, T, device=device)
 
         def step():
             with autocast(device):
-                logits = train_model(tokens[:, :-1])
-            loss = sft_loss(logits, tokens[:, 1:], mask)
+                logits = train_model(tokens[:, :-1])                              # (B, T, V)
+            # every token is a response token here, so the SFT loss is the plain mean cross-entropy
+            loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -272,201 +295,184 @@ def bench_training(args, device, use_compile):
         seconds, _ = fastest(lambda: [step() for _ in range(steps)], device)
         tok_s = B * T * steps / seconds
         flops = tok_s * flops_per_token(model, T)
-        rows.append(("torch.compile" if compiled else "eager", fmt_rate(tok_s), f"{seconds / steps * 1000:.1f}",
-                     f"{flops / 1e12:.3g}", f"{100 * flops / peak:.1f}%"))
+        rows.append(("torch.compile" if compiled else "eager", fmt_rate(tok_s),
+                     f"{seconds / steps * 1000:.1f}", f"{flops / 1e12:.3g}", f"{100 * flops / peak:.1f}%"))
     print(table(["model", "tokens/s", "ms/step", "model TFLOP/s", "MFU"], rows))
     note = "" if device == "cuda" else " (CPU: one process's fp32 peak, for scale; MFU is a GPU measure)"
     print(f"\nMFU against {peak / 1e12:.3g} TFLOP/s, a {peak_what} measured in this run{note}.")
 
 
 # ---------------------------------------------------------------------------------------------------
-# PPO and RRHF: each measured in a fresh process (--probe)
+# The methods: each stage script run for a few steps in a process of its own, read from its files
 # ---------------------------------------------------------------------------------------------------
 
 def state_bytes(trained, frozen, optimizers):
     """Bytes of weights (all models), gradients (trained models) and Adam's two moments (per optimizer)."""
     size = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())
-    return sum(size(m) for m in trained + frozen) + sum(size(m) for m in trained) + 2 * sum(size(m) for m in optimizers)
+    return (sum(size(m) for m in trained + frozen) + sum(size(m) for m in trained)
+            + 2 * sum(size(m) for m in optimizers))
 
 
-def probe_ppo(args, device):
-    """One PPO iteration of train_ppo.py (after one warm-up iteration): times of its three phases."""
-    a = PPOArgs()
-    B, mb, epochs = (8, 4, 1) if args.quick else (a.batch_size, a.minibatch_size, a.ppo_epochs)
-    P, N = ppo_sizes(args, device)
-    cfg = model_config(args, device, P + N)
-    torch.manual_seed(args.seed)
-    policy = GPT(cfg).to(device)
-    ref = copy.deepcopy(policy).eval().requires_grad_(False)
-    reward_model = ScalarHead(GPT(cfg)).to(device).eval().requires_grad_(False)
-    critic = copy.deepcopy(reward_model).requires_grad_(True)  # --critic-init rm, the default
-    policy_opt = torch.optim.Adam(policy.parameters(), lr=a.lr, eps=1e-5, fused=(device == "cuda"))
-    critic_opt = torch.optim.Adam(critic.parameters(), lr=a.critic_lr, eps=1e-5, fused=(device == "cuda"))
-    g = torch.Generator(device=device).manual_seed(args.seed)
-    prompts = torch.randint(0, cfg.vocab_size, (B, P), device=device)
-    pmask = torch.ones_like(prompts)
-
-    def iteration():
-        times = {}
-        t0 = time.perf_counter()
-        with torch.no_grad(), autocast(device):
-            policy.eval()
-            seqs, attn, mask = generate(policy, prompts, pmask, N, cfg.vocab_size, temperature=a.temperature, generator=g)
-            sync(device)
-            times["rollout"] = time.perf_counter() - t0
-            logprobs, _ = policy_forward(policy, seqs, attn, a.temperature)
-            ref_logprobs, _ = policy_forward(ref, seqs, attn, a.temperature)
-            values = critic_forward(critic, seqs, attn)
-            scores = gather_last(reward_model(seqs, attn), mask).float()
-            rewards = token_rewards(scores, logprobs, ref_logprobs, mask, a.kl_coef)
-            advantages, returns = gae(rewards, values, mask, a.gamma, a.lam)
-            advantages = masked_whiten(advantages, mask)
-            sync(device)
-            times["scoring"] = time.perf_counter() - t0 - times["rollout"]
-        policy.train()
-        critic.train()
-        for _ in range(epochs):
-            for i in torch.randperm(B, generator=g, device=device).split(mb):
-                with autocast(device):
-                    new_logprobs, _ = policy_forward(policy, seqs[i], attn[i], a.temperature)
-                    new_values = critic_forward(critic, seqs[i], attn[i])
-                loss = (ppo_policy_loss(new_logprobs, logprobs[i], advantages[i], mask[i], a.clip_eps)
-                        + ppo_value_loss(new_values, values[i], returns[i], mask[i], a.vf_clip_eps))
-                policy_opt.zero_grad(set_to_none=True)
-                critic_opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(policy.parameters(), a.grad_clip)
-                torch.nn.utils.clip_grad_norm_(critic.parameters(), a.grad_clip)
-                policy_opt.step()
-                critic_opt.step()
-        sync(device)
-        times["update"] = time.perf_counter() - t0 - times["rollout"] - times["scoring"]
-        return times
-
-    iteration()
-    times = iteration()
-    return dict(times, batch=B, minibatch=mb, epochs=epochs, prompt=P, new=N,
-                state_bytes=state_bytes([policy, critic], [ref, reward_model], [policy, critic]))
-
-
-def probe_rrhf(args, device):
-    """One RRHF step of train_rrhf.py: sample K candidates per prompt, score them, one update."""
-    a = RRHFArgs()
-    K = 4  # candidates per prompt, train_rrhf's default
-    B = 2 if args.quick else a.batch_size
-    P, N = ppo_sizes(args, device)
-    cfg = model_config(args, device, P + N)
-    torch.manual_seed(args.seed)
-    policy = GPT(cfg).to(device)
-    reward_model = ScalarHead(GPT(cfg)).to(device).eval().requires_grad_(False)
-    decay = [p for p in policy.parameters() if p.dim() >= 2]
-    no_decay = [p for p in policy.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=a.lr, betas=(0.9, 0.95), fused=(device == "cuda"))
-    g = torch.Generator(device=device).manual_seed(args.seed)
-    prompts = torch.randint(0, cfg.vocab_size, (B, P), device=device).repeat_interleave(K, dim=0)  # (B*K, P)
-
-    def step():
-        t0 = time.perf_counter()
-        with torch.no_grad(), autocast(device):
-            policy.eval()
-            seqs, attn, mask = generate(policy, prompts, torch.ones_like(prompts), N, cfg.vocab_size,
-                                        temperature=a.temperature, generator=g)
-            rewards = gather_last(reward_model(seqs, attn), mask).float().view(B, K)
-        policy.train()
-        with autocast(device):
-            logits = policy(seqs, attn)                                          # (B*K, T, V)
-        logprobs = token_logprobs(logits, seqs).view(B, K, -1)                   # (B, K, T)
-        loss = rrhf_loss(logprobs, mask.view(B, K, -1), rewards, a.length_penalty)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), a.grad_clip)
-        optimizer.step()
-        sync(device)
-        return time.perf_counter() - t0
-
-    step()
-    return dict(total=step(), batch=B, K=K, prompt=P, new=N, state_bytes=state_bytes([policy], [reward_model], [policy]))
-
-
-def ppo_sizes(args, device):
+def method_sizes(args, device):
+    """(prompt tokens, response tokens) of the methods' runs."""
     if args.quick:
         return 8, 8
-    P = args.ppo_prompt_len or (64 if device == "cuda" else 48)
-    N = args.ppo_new_tokens or (256 if device == "cuda" else 48)
-    return P, N
+    return (args.method_prompt_len or (64 if device == "cuda" else 48),
+            args.method_new_tokens or (256 if device == "cuda" else 48))
 
 
-def run_probe(args, device):
-    """Body of `bench.py --probe ppo|rrhf`: measure, then print one JSON line with the peak memory."""
-    # torch loads modules (an optimizer imports torch._dynamo, some 80 MB) and sets up pools on first
-    # use: do all that with a tiny model before the baseline, so that it is not counted
-    tiny = GPT(GPTConfig(block_size=8, vocab_size=8, n_layer=1, n_head=1, n_embd=8)).to(device)
-    opt = torch.optim.Adam(tiny.parameters(), fused=(device == "cuda"))
-    tiny(torch.zeros(1, 4, dtype=torch.long, device=device)).sum().backward()
-    opt.step()
-    del tiny, opt
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        # Linux: writing 5 to clear_refs resets the peak resident size (VmHWM) to the current one, the
-        # CPU's reset_peak_memory_stats; the imports' own transient peak would otherwise hide ours
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        rss_before = proc_status("VmRSS")
-    out = probe_ppo(args, device) if args.probe == "ppo" else probe_rrhf(args, device)
-    out["peak_bytes"] = torch.cuda.max_memory_allocated() if device == "cuda" else proc_status("VmHWM") - rss_before
-    print(json.dumps(out))
+def write_prompts(path, n, P, seed):
+    """n prompts of P random words each: longer than P tokens in either tokenizer, so each script keeps
+    the last P tokens of every templated prompt (the "Assistant:" cue included): batches P wide."""
+    rng = random.Random(seed)
+    word = lambda: "".join(rng.choices(string.ascii_lowercase, k=rng.randint(2, 8)))
+    write_jsonl(path, [{"prompt": " ".join(word() for _ in range(P))} for _ in range(n)])
 
 
-def proc_status(key):
-    """A size from /proc/self/status (VmRSS: resident now, VmHWM: peak resident), in bytes."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))  # given in kB
+def run_all(cmds, parallel):
+    """Run each command in a fresh process -> [(exit status, stdout, stderr)], in order.
 
-
-def probes(kinds, device, parallel):
-    """Run `bench.py --probe KIND` for each kind in a fresh process; their JSON results.
-
-    One after the other, so that each process has the machine to itself; side by side with --quick,
-    where only the smoke test's wall time matters."""
-    cmds = [[sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--device", device, "--probe", kind] for kind in kinds]
-    start = lambda cmd: subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    One after the other, so that each has the machine to itself; side by side with --quick, where only
+    the smoke test's wall time matters. Each process's peak memory is its own either way."""
+    start = lambda cmd: subprocess.Popen(LAUNCHER + cmd, cwd=ROOT, stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, text=True)
     started = [start(cmd) for cmd in cmds] if parallel else [None] * len(cmds)
     results = []
     for cmd, proc in zip(cmds, started):
         proc = proc or start(cmd)
         stdout, stderr = proc.communicate()
-        if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{stderr[-3000:]}")
-        results.append(json.loads(stdout.strip().splitlines()[-1]))
+        results.append((proc.returncode, stdout, stderr))
     return results
 
 
-def bench_ppo(device, quick):
-    ppo, rrhf = probes(["ppo", "rrhf"], device, parallel=quick)
-    total = ppo["rollout"] + ppo["scoring"] + ppo["update"]
-    print(f"\n## PPO: one iteration, {ppo['batch']} prompts x ({ppo['prompt']} + {ppo['new']} tokens), "
-          f"{ppo['epochs']} epochs of minibatches of {ppo['minibatch']}\n")
-    phases = [("rollout (`generate`, KV cache)", "rollout"),
-              ("scoring (policy, reference, reward, critic forwards; rewards, GAE)", "scoring"),
-              ("update (PPO epochs: policy and critic forward, backward, Adam)", "update")]
-    rows = [(name, f"{ppo[k]:.3f}", f"{100 * ppo[k] / total:.0f}%") for name, k in phases] + [("total", f"{total:.3f}", "100%")]
-    print(table(["phase", "seconds", "share"], rows))
-    print("\n## Memory: a PPO iteration next to an RRHF step\n")
-    mb = lambda b: f"{b / 2**20:,.1f} MB"
-    measured = "torch.cuda.max_memory_allocated" if device == "cuda" else "peak RSS - RSS before"
-    rows = [("PPO iteration", "4: policy, reference, reward, critic", "2 Adam", f"{ppo['batch']} responses",
-             mb(ppo["state_bytes"]), mb(ppo["peak_bytes"]), f"{total:.3f}"),
-            (f"RRHF step (K={rrhf['K']})", "2: policy, reward", "1 AdamW", f"{rrhf['batch']} prompts x {rrhf['K']}",
-             mb(rrhf["state_bytes"]), mb(rrhf["peak_bytes"]), f"{rrhf['total']:.3f}")]
-    header = ["", "models", "optimizers", "sequences", "weights + grads + optimizer state", f"measured peak ({measured})", "seconds"]
-    print(table(header, rows))
-    print("\nEach measured in a fresh process; the RRHF step includes sampling and scoring its candidates.")
+def epochs(a, n):
+    """'E epochs x M minibatches' of a PPO-style update over n rows (a: the script's arguments)."""
+    e, m = a["ppo_epochs"], n // a["minibatch_size"]
+    return f"{e} epoch{'s' * (e != 1)} x {m} minibatch{'es' * (m != 1)}"
+
+
+def median_step(rows, total):
+    """Of the logged steps after the first, the one whose total(step) is the median (the lower median)."""
+    after_first = sorted((r for r in rows if r["step"] > 0), key=total)
+    if not after_first:
+        raise RuntimeError("no step after the first was logged: run at least 2 --steps")
+    return after_first[(len(after_first) - 1) // 2]
+
+
+def bench_methods(args, device, imported_mb):
+    if device == "cuda":
+        torch.cuda.empty_cache()  # what the sections before cached goes back to the GPU, for the scripts
+    P, N = method_sizes(args, device)
+    S = args.steps or (3 if args.quick else 4)
+    cfg = model_config(args, device, P + N)
+    enc = get_encoding(args.tokenizer or ("bytes" if cfg.vocab_size == 257 else "gpt2"))
+    assert enc.n_vocab == cfg.vocab_size, f"{enc.name} has {enc.n_vocab} ids, the model {cfg.vocab_size}"
+    torch.manual_seed(args.seed)
+    lm, rm = GPT(cfg), ScalarHead(GPT(cfg))  # a reference is the size of the policy, a critic of the RM
+    q = args.quick
+    b = 2 if q else 8  # RRHF's batch, train_rrhf's default: one round of one batch per step
+    methods = [  # what each script holds: the models (trained + frozen) and the optimizers' models
+        dict(name="PPO", script="train_ppo.py",
+             flags=["--batch-size", 8, "--minibatch-size", 4, "--ppo-epochs", 1] if q else [],
+             models="policy, reference, reward, critic", optimizers="2 Adam",
+             state=state_bytes([lm, rm], [lm, rm], [lm, rm]),
+             sequences=lambda a: f"{a['batch_size']} responses, " + epochs(a, a["batch_size"])),
+        dict(name="RRHF", script="train_rrhf.py", flags=["--batch-size", b, "--n-prompts", b, "--rounds", S],
+             models="policy, reward", optimizers="1 AdamW", state=state_bytes([lm], [rm], [lm]),
+             ms_is_update=True, sequences=lambda a: f"{a['batch_size']} prompts x K={a['k']} candidates"),
+        dict(name="GRPO", script="train_grpo.py", optional=True,
+             flags=["--batch-size", 2, "--group-size", 2, "--minibatch-size", 1] if q else [],
+             models="policy, reference, reward", optimizers="1 Adam", state=state_bytes([lm], [lm, rm], [lm]),
+             sequences=lambda a: f"{a['batch_size']} prompts x G={a['group_size']}, "
+                                 + epochs(a, a["batch_size"])),
+    ]
+    notes = []
+    for m in [m for m in methods if not os.path.exists(os.path.join(ROOT, m["script"]))]:
+        notes.append(f"{m['name']}: not run, {m['script']} is absent.")
+        methods.remove(m)
+
+    with tempfile.TemporaryDirectory(prefix="minirlhf-bench-") as tmp:
+        sft, rm_dir, prompts = (os.path.join(tmp, name) for name in ("sft", "rm", "prompts.jsonl"))
+        save_checkpoint(sft, lm, enc.name, {}, 0)
+        # train_rm.py records its scores' mean and std, by which the stages normalise: 0 and 1 keep them
+        save_checkpoint(rm_dir, rm, enc.name, {}, 0, {"reward_mean": 0.0, "reward_std": 1.0})
+        write_prompts(prompts, 256, P, args.seed)
+        common = ["--init", sft, "--reward-model", rm_dir, "--data", prompts, "--device", device,
+                  "--seed", args.seed, "--max-steps", S, "--max-new-tokens", N]
+        cmds = [[sys.executable, os.path.join(ROOT, m["script"]), *map(str, common + m["flags"]),
+                 "--out", os.path.join(tmp, m["name"].lower())] for m in methods]
+        results = run_all(cmds, parallel=args.quick)
+        ran = []
+        for m, cmd, (status, _, stderr) in zip(methods, cmds, results):
+            if status != 0:
+                why = (stderr.strip().splitlines() or ["no output"])[-1]
+                if not m.get("optional"):
+                    raise RuntimeError(f"{' '.join(cmd)} failed (exit {status}):\n{stderr[-3000:]}")
+                notes.append(f"{m['name']}: {m['script']} failed (exit {status}): {why}")
+                continue
+            out = cmd[-1]
+            with open(os.path.join(out, "metrics.jsonl")) as f:
+                logged = [json.loads(line) for line in f]
+            ck = load_checkpoint(out)
+            ran.append((m, logged, ck["args"], ck["extra"]))
+
+    print(f"\n## Methods: one step of each script, {P} prompt + {N} response tokens\n")
+    print(f"{describe(lm)}; each script ran {S} steps in a process of its own; shown: the step whose time "
+          "is the median of those after the first (the faster middle one of an even count)\n")
+    rows, memory = [], []
+    for m, logged, a, extra in ran:
+        split = all("rollout_ms" in r and "score_ms" in r for r in logged)
+        # RRHF logs the update as `ms`, its round's sampling and scoring beside it; the others the whole step
+        if split and m.get("ms_is_update"):
+            total = lambda r: r["rollout_ms"] + r["score_ms"] + r["ms"]
+        else:
+            total = lambda r: r["ms"]
+        r = median_step(logged, total)
+        step_ms = total(r)
+        if split:
+            phases = (r["rollout_ms"], r["score_ms"], step_ms - r["rollout_ms"] - r["score_ms"])
+            phases = [f"{x:,.1f} ({100 * x / step_ms:.0f}%)" for x in phases]
+        else:
+            phases = ["-", "-", "-"]
+            notes.append(f"{m['script']} logs no `score_ms`, so its sampling and scoring are not apart: "
+                         "its whole step (`ms`) only.")
+        rows.append((m["name"], m["sequences"](a), *phases, f"{step_ms:,.1f}"))
+        held = extra["models_in_memory"]
+        assert held == len(m["models"].split(", ")), \
+            f"{m['script']} holds {held} models, bench.py counts the bytes of {m['models']}: update its table"
+        memory.append((m["name"], f"{held}: {m['models']}", m["optimizers"], mb(m["state"]),
+                       f"{extra['peak_memory_mb']:,.1f} MB"))
+    print(table(["method", "sequences per step", "rollout (sampling), ms", "scoring, ms", "update, ms",
+                 "step, ms"], rows))
+    notes.append("Scoring: the forwards over the samples (PPO: policy, reference, critic and reward model; "
+                 "GRPO: policy, reference, reward model; RRHF: reward model), then rewards and advantages; "
+                 "update: the rest of the step. RRHF samples and scores once a round: here every step is "
+                 "a round of one batch.")
+
+    measured = "torch.cuda.max_memory_allocated" if device == "cuda" else "peak RSS of the process"
+    print("\n## Memory: the models each method holds, and the peak its script reports\n")
+    print(table(["method", "models held", "optimizers", "weights + grads + optimizer state",
+                 f"measured peak ({measured})"], memory))
+    if device == "cpu" and imported_mb is not None:
+        notes.append(f"On the CPU a peak includes Python and torch: bench.py's own process peaked at "
+                     f"{imported_mb:,.0f} MB once it had imported them, before it ran anything.")
+    print("\n" + "\n".join(f"- {n}" for n in notes))
 
 
 # ---------------------------------------------------------------------------------------------------
+
+def mb(n_bytes):
+    return f"{n_bytes / 2**20:,.1f} MB"
+
+
+def peak_rss_mb():
+    """This process's peak resident size so far (Linux's VmHWM, which starts afresh at exec); else None."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))  # kB
+    except (OSError, StopIteration):
+        return None
+
 
 def cpu_name():
     try:  # Linux names the model here; platform.processor() is often empty
@@ -483,16 +489,17 @@ def describe(model):
 
 
 if __name__ == "__main__":
+    imported_mb = peak_rss_mb()  # Python, torch and minirlhf loaded, nothing run yet
     args = parse_args(Args)
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    sections = args.sections.split(",")
+    if set(sections) - set(SECTIONS):
+        sys.exit(f"bench.py: error: --sections {args.sections}: expected some of {','.join(SECTIONS)}")
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if args.quick:
         args.prompt_len, args.new_tokens = min(args.prompt_len, 8), min(args.new_tokens, 16)
-    if args.probe:
-        run_probe(args, device)
-        sys.exit(0)
 
     use_compile = device == "cuda" if args.compile is None else args.compile
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else \
@@ -501,10 +508,9 @@ if __name__ == "__main__":
     threads = torch.get_num_threads()
     print(f"# minirlhf bench{' (--quick)' if args.quick else ''}: {name}, torch {torch.__version__}"
           + ("" if device == "cuda" else f", {threads} thread{'s' * (threads > 1)}"))
-    sections = args.sections.split(",")
     if "sampling" in sections:
         bench_sampling(args, device, batch_sizes, use_compile)
     if "training" in sections:
         bench_training(args, device, use_compile)
-    if "ppo" in sections:
-        bench_ppo(device, args.quick)
+    if "methods" in sections:
+        bench_methods(args, device, imported_mb)

@@ -365,8 +365,12 @@ def rollout(policy, ref, critic, rms, enc, prompts, args, kl_coef, generator):
     policy.eval()
     ids, _ = encode_prompts(enc, prompts, policy.config.block_size - args.max_new_tokens)
     idx, pmask = left_pad(ids, eos_id(enc))
+    t0 = time.time()
     seqs, attn, mask = generate(policy, idx.to(device), pmask.to(device), args.max_new_tokens, eos_id(enc),
                                 temperature=args.temperature, generator=generator)
+    if device.type == "cuda":
+        torch.cuda.synchronize()  # kernels run asynchronously: wait, so that the time is the sampling's
+    sample_seconds = time.time() - t0
     logprobs, entropy = policy_forward(policy, seqs, attn, args.temperature)
     ref_logprobs, _ = policy_forward(ref, seqs, attn, args.temperature)
     values = critic_forward(critic, seqs, attn)
@@ -380,7 +384,7 @@ def rollout(policy, ref, critic, rms, enc, prompts, args, kl_coef, generator):
     texts = [decode_response(enc, row[m.bool()].tolist()) for row, m in zip(seqs[:, P:], mask[:, P:])]
     return dict(seqs=seqs, attn=attn, mask=mask, logprobs=logprobs, ref_logprobs=ref_logprobs, values=values,
                 advantages=advantages, returns=returns, scores=scores, entropy=entropy, has_eos=has_eos,
-                texts=texts)
+                texts=texts, sample_seconds=sample_seconds)
 
 
 if __name__ == "__main__":
@@ -490,7 +494,8 @@ if __name__ == "__main__":
             clipfrac=sum(stats["clipfrac"]) / len(stats["clipfrac"]), pg_loss=sum(stats["pg_loss"]) / len(stats["pg_loss"]),
             vf_loss=sum(stats["vf_loss"]) / len(stats["vf_loss"]), explained_var=explained_var,
             response_len=mask.sum(1).float().mean(), eos_rate=b["has_eos"].float().mean(),
-            first_approx_kl=stats["approx_kl"][0], rollout_ms=t_rollout * 1000, ms=(time.time() - t0) * 1000)
+            first_approx_kl=stats["approx_kl"][0], rollout_ms=b["sample_seconds"] * 1000,
+            score_ms=(t_rollout - b["sample_seconds"]) * 1000, ms=(time.time() - t0) * 1000)
         if step % args.eval_interval == 0 or step == args.max_steps - 1:
             for p, t in list(zip(batch_prompts, b["texts"]))[:3]:
                 print(f"    {p!r:42} -> {t!r}")

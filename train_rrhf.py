@@ -41,6 +41,8 @@ candidates, and `gold_reward_best`, the gold of the candidate the RM ranks first
 With one round the candidates are fixed, so these last three measure the pool, not progress; progress
 is every --eval-interval steps, from the policy's own samples on held-out prompts: `eval_gold_reward`,
 `eval_rm_reward` and `kl` (the summed log-ratio to the SFT model per response, a k1 estimate).
+`ms` is the step's update; a round's first step is always logged, with `rollout_ms` and `score_ms`,
+the time of sampling and of scoring that round's candidates.
 
     python train_rrhf.py                                     # built-in task, CPU, about 1.5 minutes
     python train_rrhf.py --rounds 2 --max-steps 240          # the iterative variant
@@ -220,11 +222,14 @@ if __name__ == "__main__":
     @torch.no_grad()
     def collect(batch):
         """K scored candidates for each (prompt, dataset responses) in `batch` -> prompt ids (N lists),
-        response ids (N * K lists, EOS included), rewards (N, K), gold (N, K) or None."""
+        response ids (N * K lists, EOS included), rewards (N, K), gold (N, K) or None, and the times of
+        the sampling and the scoring (both end on the host, so they hold on a GPU too)."""
         model.eval()
+        t0 = time.time()
         to_sample = [p for p, resp in batch for _ in range(K - len(resp))]
         samples = iter(sample_responses(model, enc, to_sample, args.max_new_tokens, args.gen_batch_size,
                                         args.temperature, generator=gen, device=device))
+        t_sampled = time.time()
         texts, ids = [], []
         for p, resp in batch:
             # a dataset response gets the policy's length cap, so prompt + response always fits the context
@@ -236,9 +241,10 @@ if __name__ == "__main__":
                 ids.append(r)
         prompts = [p for p, _ in batch for _ in range(K)]
         rewards = score(rms, enc, prompts, ids, max_prompt, args.gen_batch_size, device).view(-1, K)  # (N, K)
+        times = dict(rollout_ms=(t_sampled - t0) * 1000, score_ms=(time.time() - t_sampled) * 1000)
         gold = torch.tensor([task.judge(p, t) for p, t in zip(prompts, texts)]).view(-1, K) if builtin else None
         model.train()
-        return encode_prompts(enc, [p for p, _ in batch], max_prompt)[0], ids, rewards, gold
+        return encode_prompts(enc, [p for p, _ in batch], max_prompt)[0], ids, rewards, gold, times
 
     def get_batch(idx):
         """Prompts idx of the round's pool -> tokens, attention_mask, response_mask (B * K, T), rewards (B, K)."""
@@ -273,12 +279,13 @@ if __name__ == "__main__":
     # ---- training loop ----------------------------------------------------------------------------
     t_start = time.time()
     for step in tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, desc="rrhf", dynamic_ncols=True, disable=None):
+        round_times = {}  # a round's rollout_ms and score_ms, logged with its first step
         if step * args.rounds // args.max_steps > round_:
             # ---- a new round: candidates from the current policy (round 1: still the SFT model), scored
             round_ += 1
             t0 = time.time()
             pool = data_rng.sample(records, min(args.n_prompts, len(records)))
-            prompt_ids, response_ids, rewards, gold = collect(pool)
+            prompt_ids, response_ids, rewards, gold, round_times = collect(pool)
             order = []
             best = rewards.argmax(1, keepdim=True)  # the candidate L_ft trains on
             line = (f"round {round_ + 1}/{args.rounds} | {len(pool)} prompts x {K} candidates | {time.time() - t0:.1f} s "
@@ -307,14 +314,14 @@ if __name__ == "__main__":
         optimizer.step()
 
         monitor = builtin and (step % args.eval_interval == 0 or step == args.max_steps - 1)
-        if step % 10 == 0 or step == args.max_steps - 1 or monitor:
+        if step % 10 == 0 or step == args.max_steps - 1 or monitor or round_times:
             metrics = dict(loss=loss, **rrhf_stats(logprobs, mask, batch_rewards, args.length_penalty),
                            rm_reward=batch_rewards.mean())
             if builtin:  # the gold of the candidates, and of the one the RM ranks first (L_ft's target)
                 batch_gold = gold[idx]                                                       # (B, K)
                 best = batch_rewards.argmax(1, keepdim=True).cpu()                           # (B, 1)
                 metrics.update(gold_reward=batch_gold.mean(), gold_reward_best=batch_gold.gather(1, best).mean())
-            metrics.update(grad_norm=grad_norm, lr=lr_at(step), ms=(time.time() - t0) * 1000)
+            metrics.update(grad_norm=grad_norm, lr=lr_at(step), **round_times, ms=(time.time() - t0) * 1000)
             if monitor:
                 # the policy's own samples on held-out prompts: what training has done so far (same seed
                 # every time, so the points differ by the policy, not by the sampling noise)
