@@ -17,7 +17,7 @@ import torch
 from minirlhf import task
 from minirlhf.checkpoint import load_model
 from minirlhf.evaluate import sample_responses
-from minirlhf.tokenizer import get_encoding
+from minirlhf.tokenizer import load_tokenizer
 
 
 def answer(models, prompt, args, generator):
@@ -45,7 +45,7 @@ def main(argv=None):
         model, ck = load_model(path)
         if ck["kind"] != "lm":
             raise SystemExit(f"{path}: a {ck['kind']} checkpoint cannot answer; pass a policy (out/sft, out/ppo, ...)")
-        models[path] = (model, get_encoding(ck["tokenizer"]))
+        models[path] = (model, load_tokenizer(ck))
     generator = torch.Generator().manual_seed(args.seed)
     if prompt is not None:
         answer(models, prompt, args, generator)

@@ -47,7 +47,7 @@ from minirlhf.evaluate import encode_prompts, evaluate
 from minirlhf.model import ScalarHead, generate
 from minirlhf.ops import last_index, masked_mean, masked_var, masked_whiten, token_logprobs
 from minirlhf.reward import combined_reward, load_reward_models
-from minirlhf.tokenizer import decode_response, eos_id, get_encoding
+from minirlhf.tokenizer import decode_response, eos_id, load_tokenizer
 
 
 @dataclass
@@ -402,7 +402,7 @@ if __name__ == "__main__":
 
     # ---- the four models --------------------------------------------------------------------------
     policy, ck = load_model(args.init, device, kind="lm")
-    enc = get_encoding(ck["tokenizer"])
+    enc = load_tokenizer(ck)
     block_size = policy.config.block_size
     require(0 < args.max_new_tokens < block_size, f"--max-new-tokens {args.max_new_tokens} must be positive and leave "
             f"room for a prompt in the context of {block_size} tokens")

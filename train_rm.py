@@ -53,7 +53,7 @@ from minirlhf.data import PairRecord, RankRecord, join_prompt_response, read_jso
 from minirlhf.evaluate import encode_prompts, sample_responses
 from minirlhf.model import ScalarHead
 from minirlhf.ops import gather_last
-from minirlhf.tokenizer import encode_prompt, encode_response, eos_id, get_encoding
+from minirlhf.tokenizer import encode_prompt, encode_response, eos_id, load_tokenizer
 
 
 @dataclass
@@ -214,7 +214,7 @@ if __name__ == "__main__":
 
     # ---- the SFT model: it writes the candidates, then its trunk becomes the reward model's ---------
     policy, ck = load_model(args.init, device, kind="lm")
-    enc = get_encoding(ck["tokenizer"])
+    enc = load_tokenizer(ck)
     block_size, pad = policy.config.block_size, eos_id(enc)
     require(0 < args.max_new_tokens < block_size, f"--max-new-tokens {args.max_new_tokens} must be positive and leave "
             f"room for a prompt in the context of {block_size} tokens")

@@ -31,7 +31,7 @@ from minirlhf.cli import Log, arg, check_finite, parse_args, peak_memory_mb, req
 from minirlhf.data import PairRecord, SFTRecord, read_jsonl, sft_batch
 from minirlhf.evaluate import evaluate
 from minirlhf.model import GPT, GPT2_NAMES, GPTConfig
-from minirlhf.tokenizer import encode_prompt, encode_response, eos_id, get_encoding
+from minirlhf.tokenizer import encode_prompt, encode_response, eos_id, get_encoding, load_tokenizer
 
 
 @dataclass
@@ -108,16 +108,18 @@ if __name__ == "__main__":
     if args.init and os.path.exists(ckpt_path(args.init)):                 # an earlier minirlhf checkpoint
         model, ck = load_model(args.init, kind="lm")
         tok_name = ck["tokenizer"]
+        enc = get_encoding(args.tokenizer) if args.tokenizer else load_tokenizer(ck)  # from the ranks it carries
     elif args.init:                                                        # GPT-2 weights
         require(os.path.isdir(args.init) or args.init in GPT2_NAMES,
                 f"--init {args.init}: no such checkpoint or folder, and not a GPT-2 name ({', '.join(GPT2_NAMES)})")
         model, tok_name = GPT.from_pretrained(args.init), "gpt2"
+        # the folder's own vocab.json + merges.txt when it has them, else tiktoken's GPT-2 (downloaded once)
+        enc = get_encoding(args.tokenizer or (args.init if os.path.isdir(args.init) else "gpt2"))
     else:                                                                  # a random init
         enc = get_encoding(args.tokenizer or "bytes")
         model = GPT(GPTConfig(block_size=args.block_size, vocab_size=enc.n_vocab,
                               n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd))
         tok_name = enc.name
-    enc = get_encoding(args.tokenizer or tok_name)
     require(enc.name == tok_name, f"--tokenizer {args.tokenizer} is not the tokenizer of --init {args.init} ({tok_name})")
     require(0 < args.max_new_tokens < model.config.block_size,
             f"--max-new-tokens {args.max_new_tokens} must be positive and leave room for a prompt in the context "

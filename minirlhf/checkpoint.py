@@ -4,6 +4,9 @@ Contents (plain dicts, lists, numbers, strings and tensors only):
   kind       "lm" (a GPT) or "scalar" (a GPT trunk + scalar head: reward model, critic)
   config     the GPTConfig as a dict
   tokenizer  the encoding's name ("bytes" or "gpt2")
+  tokenizer_ranks  for "gpt2": GPT-2's BPE ranks, the bytes of a .tiktoken file (0.8 MB), so that every
+             later stage rebuilds the tokenizer offline: `enc = tokenizer.load_tokenizer(ck)` (why inside
+             the checkpoint and not beside it: see `tokenizer.checkpoint_fields`)
   args       the command-line arguments of the run that wrote it
   step       the optimisation step
   model      the state dict
@@ -32,6 +35,7 @@ from dataclasses import asdict
 import torch
 
 from minirlhf.model import GPT, GPTConfig, ScalarHead
+from minirlhf.tokenizer import checkpoint_fields
 
 CKPT_NAME = "ckpt.pt"
 RESUME_NAME = "resume.pt"
@@ -72,11 +76,12 @@ def atomic_save(obj, path: str):
 
 def save_checkpoint(out_dir: str, model, tokenizer: str, args: dict, step: int, extra: dict | None = None,
                     name: str = CKPT_NAME):
-    """Write `out_dir/ckpt.pt` (or `out_dir/name`) for a GPT or a ScalarHead."""
+    """Write `out_dir/ckpt.pt` (or `out_dir/name`) for a GPT or a ScalarHead. `tokenizer` is the encoding's
+    name; for "gpt2" the ranks of the GPT-2 encoding this process built are stored with it."""
     kind = "scalar" if isinstance(model, ScalarHead) else "lm"
     config = model.config
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    obj = dict(kind=kind, config=asdict(config), tokenizer=tokenizer, args=dict(args), step=int(step),
+    obj = dict(kind=kind, config=asdict(config), **checkpoint_fields(tokenizer), args=dict(args), step=int(step),
                model=state, extra=extra or {})
     path = os.path.join(out_dir, name)
     atomic_save(obj, path)

@@ -5,6 +5,11 @@
 scores each checkpoint on the built-in task's held-out prompts: mean gold reward with its standard
 error, mean reward-model score, KL to the SFT model, mean response length, and on the honesty
 questions the rates of correct, abstained and wrong answers. The same seed gives the same numbers.
+
+    python -m minirlhf.evaluate out/ppo --prompts prompts.jsonl --reward-model out/rm --ref out/sft
+
+scores it on your prompts instead: what needs no gold judge (reward-model score, KL to the reference,
+response length, EOS rate); the gold metrics need the built-in task, whose prompts the judge knows.
 """
 
 import argparse
@@ -107,7 +112,12 @@ def gold_metrics(prompts, texts, samples_per_prompt=1):
 
     With several samples per prompt (adjacent in `prompts`) the samples of one prompt are correlated, so
     the standard error is taken over the per-prompt means: the prompts are the independent draws.
+
+    The judge knows only the built-in task's prompts: on others (user data) the metrics are the response
+    length alone and every gold score is NaN.
     """
+    if not all(task.prompt_kind(p) for p in prompts):
+        return dict(response_chars_mean=sum(len(t) for t in texts) / len(texts)), [math.nan] * len(texts)
     gold = [task.judge(p, t) for p, t in zip(prompts, texts)]
     k = samples_per_prompt
     m, sem = mean_sem([sum(gold[i:i + k]) / k for i in range(0, len(gold), k)])
@@ -184,10 +194,14 @@ def best_of_n(model, enc, prompts, max_new_tokens, rms, n, samples_per_prompt=1,
 def main(argv=None):
     from minirlhf.checkpoint import load_model
     from minirlhf.cli import peak_memory_mb
-    from minirlhf.tokenizer import get_encoding
+    from minirlhf.data import read_jsonl
+    from minirlhf.tokenizer import load_tokenizer
 
-    ap = argparse.ArgumentParser(description="Score checkpoints on the built-in task's held-out prompts.")
+    ap = argparse.ArgumentParser(description="Score checkpoints on the built-in task's held-out prompts "
+                                 "(or on --prompts).")
     ap.add_argument("checkpoints", nargs="+", help="policy checkpoint folders (out/sft, out/ppo, ...)")
+    ap.add_argument("--prompts", default="", help="JSONL with a 'prompt' per record (your data), instead of "
+                    "the built-in task's: reward-model score, KL, length and EOS rate, no gold metrics")
     ap.add_argument("--reward-model", action="append", default=[], help="PATH[:WEIGHT] for rm_reward_mean (repeatable)")
     ap.add_argument("--ref", default="", help="reference (SFT) checkpoint for kl_to_sft")
     ap.add_argument("--n-prompts", type=int, default=300)
@@ -200,7 +214,11 @@ def main(argv=None):
     ap.add_argument("--json", default="", help="also write the metrics here")
     ap.add_argument("--samples-json", default="", help="write the samples here (default: beside --json)")
     args = ap.parse_args(argv)
-    prompts = task.heldout_prompts()[: args.n_prompts]
+    prompts = [r.prompt for r in read_jsonl(args.prompts)] if args.prompts else task.heldout_prompts()
+    prompts = prompts[: args.n_prompts]
+    if args.prompts:
+        print(f"{args.prompts}: {len(prompts)} prompts; gold metrics need the built-in task's judge, so only "
+              "rm_reward_mean (--reward-model), kl_to_sft (--ref), response length and eos_rate are measured")
     rms = load_reward_models(args.reward_model)
     if args.best_of_n and not rms:
         ap.error("--best-of-n needs --reward-model")
@@ -208,7 +226,7 @@ def main(argv=None):
     results, all_samples = {}, {}
     for path in args.checkpoints:
         model, ck = load_model(path)
-        enc = get_encoding(ck["tokenizer"])
+        enc = load_tokenizer(ck)
         if args.best_of_n:
             metrics, samples = best_of_n(model, enc, prompts, args.max_new_tokens, rms, args.best_of_n,
                                          args.samples_per_prompt, args.temperature, args.seed)
@@ -224,7 +242,7 @@ def main(argv=None):
             if isinstance(v, dict):  # the per-kind rates
                 print(f"    {k}: " + " ".join(f"{kind} {rate:.2f}" for kind, rate in v.items()))
         for p, t, g in samples[:3]:
-            print(f"    {p!r} -> {t!r} (gold {g:+.2f})")
+            print(f"    {p!r} -> {t!r}" + ("" if math.isnan(g) else f" (gold {g:+.2f})"))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

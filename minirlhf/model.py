@@ -329,42 +329,80 @@ def read_safetensors(path: str) -> dict:
     return out
 
 
+# Hugging Face GPT-2 config keys whose other values change the computation; the loader refuses them rather
+# than build a model that silently computes something else. (reorder_and_upcast_attn is accepted: it only
+# computes the same attention in float32 under mixed precision.)
+GPT2_CONFIG_CHECKS = {  # key: (the values this model computes, what another value means)
+    "model_type": (("gpt2",), "another architecture"),
+    "activation_function": (("gelu_new", "gelu_pytorch_tanh"), "an activation other than GPT-2's tanh GELU"),
+    "scale_attn_weights": ((True,), "attention scores not divided by sqrt(head size)"),
+    "scale_attn_by_inverse_layer_idx": ((False,), "layer i's attention scores also divided by i + 1"),
+    "add_cross_attention": ((False,), "cross-attention layers (an encoder-decoder)"),
+}
+GPT2_REQUIRED_KEYS = ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size")
+# GPT-2's linears are Conv1D layers, whose weight is (in, out): the transpose of nn.Linear's (out, in).
+GPT2_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
 def load_hf_gpt2(folder: str) -> GPT:
     """Build a GPT from `config.json` plus `model.safetensors` or `pytorch_model.bin`.
 
     Accepts both key layouts: the original hub checkpoint's (`h.0.attn.c_attn.weight`, causal-mask
     buffers `h.N.attn.bias`, no `lm_head.weight`) and today's transformers' (`transformer.` prefix, a
     tied `lm_head.weight`). GPT-2 stores linears as Conv1D, whose weight is (in, out): transposed here.
+    A config this model cannot reproduce (GPT2_CONFIG_CHECKS, an MLP other than 4 * n_embd wide) or a
+    missing file or key is a CheckpointError that names the file.
     """
-    with open(os.path.join(folder, "config.json")) as f:
-        hf = json.load(f)
-    if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise ValueError(f"{folder}/config.json: activation_function {hf['activation_function']!r} is not GPT-2's")
-    config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
-                       n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=0.0, bias=True,
-                       layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5))
+    from minirlhf.checkpoint import CheckpointError  # checkpoint.py imports this module: import late
+
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{folder}: no config.json; a Hugging Face GPT-2 folder holds config.json and "
+                              "model.safetensors (or pytorch_model.bin)")
+    try:
+        with open(path) as f:
+            hf = json.load(f)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: not JSON ({str(e).splitlines()[0]})") from None
+    if "n_positions" not in hf and "n_ctx" in hf:  # the older name of the same number
+        hf["n_positions"] = hf["n_ctx"]
+    missing = [k for k in GPT2_REQUIRED_KEYS if k not in hf]
+    if missing:
+        raise CheckpointError(f"{path}: missing key {missing[0]!r} (a GPT-2 config needs "
+                              f"{', '.join(GPT2_REQUIRED_KEYS)})")
+    for key, (allowed, means) in GPT2_CONFIG_CHECKS.items():
+        if key in hf and hf[key] not in allowed:
+            raise CheckpointError(f"{path}: {key} = {json.dumps(hf[key])} means {means}, which this GPT-2 "
+                                  "does not compute")
+    if hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
+        raise CheckpointError(f"{path}: n_inner = {hf['n_inner']}: this GPT-2's MLP is 4 * n_embd = "
+                              f"{4 * hf['n_embd']} wide")
+    config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"],
+                       n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=0.0,
+                       bias=True, layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5))
     st, binf = os.path.join(folder, "model.safetensors"), os.path.join(folder, "pytorch_model.bin")
     if os.path.exists(st):
         sd = read_safetensors(st)
     elif os.path.exists(binf):
         sd = torch.load(binf, map_location="cpu", weights_only=True)
     else:
-        raise FileNotFoundError(f"{folder}: neither model.safetensors nor pytorch_model.bin")
+        raise CheckpointError(f"{folder}: no model.safetensors or pytorch_model.bin next to config.json")
     sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
     sd = {k: v for k, v in sd.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}  # mask buffers
     lm_head = sd.pop("lm_head.weight", None)
-    if lm_head is not None and not torch.equal(lm_head, sd["wte.weight"]):
-        raise ValueError(f"{folder}: lm_head.weight is not tied to wte.weight; GPT-2 ties them")
+    if lm_head is not None and "wte.weight" in sd and not torch.equal(lm_head, sd["wte.weight"]):
+        raise CheckpointError(f"{folder}: lm_head.weight is not tied to wte.weight; GPT-2 ties them")
     model = GPT(config)
     ours = {k.removeprefix("transformer."): v for k, v in model.state_dict().items() if k != "lm_head.weight"}
     missing, unexpected = set(ours) - set(sd), set(sd) - set(ours)
     if missing or unexpected:
-        raise ValueError(f"{folder}: weights do not match GPT-2: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
-    conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        raise CheckpointError(f"{folder}: weights do not match GPT-2: missing {sorted(missing)[:5]}, "
+                              f"unexpected {sorted(unexpected)[:5]}")
     with torch.no_grad():
         for k, p in ours.items():
-            w = sd[k].t() if k.endswith(conv1d) else sd[k]
+            w = sd[k].t() if k.endswith(GPT2_CONV1D) else sd[k]
             if w.shape != p.shape:
-                raise ValueError(f"{folder}: {k} has shape {tuple(w.shape)}, expected {tuple(p.shape)}")
+                raise CheckpointError(f"{folder}: {k} has shape {tuple(w.shape)}, expected {tuple(p.shape)} "
+                                      "from config.json")
             p.copy_(w)
     return model
