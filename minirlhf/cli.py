@@ -108,7 +108,7 @@ class Log:
         self.t0 = time.time()
 
     def __call__(self, step: int, print_line=True, **metrics):
-        metrics = {k: (float(v) if hasattr(v, "item") else v) for k, v in metrics.items()}
+        metrics = {k: (v.item() if hasattr(v, "item") else v) for k, v in metrics.items()}  # int tensors stay ints
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         if print_line:
@@ -135,5 +135,14 @@ def peak_memory_mb(device="cpu") -> float:
     import torch
     if str(device).startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**20
+    # VmHWM, the peak resident size of this process image. Not ru_maxrss: Linux carries that over from
+    # the parent across fork and exec, so a script launched by a large process would report the parent's.
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux

@@ -287,9 +287,10 @@ def weights(out):
     return load_checkpoint(out)["model"]
 
 
-def logged(out, drop=("ms", "rollout_ms")):
+def logged(out):
+    """metrics.jsonl without the timings (`ms`, `rollout_ms`, `score_ms`, ...): the run's numbers."""
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-    return [{k: v for k, v in r.items() if k not in drop} for r in rows]
+    return [{k: v for k, v in r.items() if k != "ms" and not k.endswith("_ms")} for r in rows]
 
 
 def assert_same_run(a, b):
@@ -334,26 +335,27 @@ def test_sft_killed_while_saving(tmp_path, sft_full):
     assert not [f for f in os.listdir(tmp_path / "cut") if ".tmp" in f]  # the half-written file is cleaned up
 
 
-def test_rm_kill_and_resume(tmp_path, ckpts):
+# One row per resumable stage: its tiny flags (given the tiny checkpoints), the --ckpt-interval at which it
+# is killed after its first resume.pt, and what that resume.pt must hold. A new method adds a row.
+RESUME_CASES = {
     # 8 prompts in batches of 3: the epoch under way at the kill (its order) must carry over
-    ckpt = kill_and_resume("train_rm.py", [*RM_TINY, "--init", ckpts["sft"], "--ckpt-interval", "3"], tmp_path,
-                           kill=("after", 1))
-    assert ckpt["step"] == 3 and len(ckpt["extra"]["order"]) == 8 + 8 - 3 * 3  # two epochs drawn, 9 prompts used
-
-
-def test_ppo_kill_and_resume(tmp_path, ckpts):
-    flags = [*PPO_TINY, "--init", ckpts["sft"], "--reward-model", ckpts["rm"], "--ckpt-interval", "2",
-             "--kl-horizon", "10"]  # a short horizon, so the KL coefficient moves and must be restored
-    ckpt = kill_and_resume("train_ppo.py", flags, tmp_path, kill=("after", 1))
-    assert ckpt["step"] == 2 and ckpt["extra"]["kl_coef"] != 0.05
-    assert {"critic", "policy_opt", "critic_opt", "generator", "prompt_rng"} <= set(ckpt["extra"]["resume"])
-
-
-def test_rrhf_kill_and_resume(tmp_path, ckpts):
+    "train_rm.py": (lambda c: [*RM_TINY, "--init", c["sft"]], 3,
+                    lambda ck: ck["step"] == 3 and len(ck["extra"]["order"]) == 8 + 8 - 3 * 3),
+    # a short KL horizon, so the KL coefficient moves and must be restored
+    "train_ppo.py": (lambda c: [*PPO_TINY, "--init", c["sft"], "--reward-model", c["rm"], "--kl-horizon", "10"], 2,
+                     lambda ck: ck["step"] == 2 and ck["extra"]["kl_coef"] != 0.05
+                     and {"critic", "policy_opt", "critic_opt", "generator", "prompt_rng"} <= set(ck["extra"]["resume"])),
     # killed in the second round, whose candidates were sampled from the trained policy: they must come back
-    flags = [*RRHF_TINY, "--init", ckpts["sft"], "--reward-model", ckpts["rm"], "--ckpt-interval", "3"]
-    ckpt = kill_and_resume("train_rrhf.py", flags, tmp_path, kill=("after", 1))
-    assert ckpt["step"] == 3 and ckpt["extra"]["round"] == 1 and len(ckpt["extra"]["response_ids"]) == 4 * 2
+    "train_rrhf.py": (lambda c: [*RRHF_TINY, "--init", c["sft"], "--reward-model", c["rm"]], 3,
+                      lambda ck: ck["step"] == 3 and ck["extra"]["round"] == 1 and len(ck["extra"]["response_ids"]) == 8),
+}
+
+
+@pytest.mark.parametrize("script", list(RESUME_CASES))
+def test_kill_and_resume(tmp_path, ckpts, script):
+    flags, interval, check = RESUME_CASES[script]
+    ckpt = kill_and_resume(script, [*flags(ckpts), "--ckpt-interval", str(interval)], tmp_path, kill=("after", 1))
+    assert check(ckpt), {k: ckpt["extra"].get(k) for k in ("round", "kl_coef")}
 
 
 def test_resume_refuses_other_arguments_and_fresh_runs_over_it(tmp_path):
