@@ -15,7 +15,6 @@ Writes out/sft/ckpt.pt and out/sft/metrics.jsonl; on the built-in task, reports 
 reward of its samples (the number RLHF must raise). A stopped run continues with `--resume`.
 """
 
-import math
 import os
 import random
 import time
@@ -26,10 +25,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from minirlhf import task
-from minirlhf.checkpoint import ckpt_path, load_model, remove_resume, resume_or_start, save_checkpoint, save_resume
-from minirlhf.cli import Log, arg, check_finite, parse_args, peak_memory_mb, require
+from minirlhf.checkpoint import (ckpt_path, load_model, remove_resume, resume_or_start, save_checkpoint,
+                                 save_resume)
+from minirlhf.cli import (Log, adamw, arg, check_device, check_dtype, check_finite, nonnegative, parse_args,
+                          peak_memory_mb, positive, require, warmup_cosine)
 from minirlhf.data import PairRecord, SFTRecord, read_jsonl, sft_batch
-from minirlhf.evaluate import evaluate
+from minirlhf.evaluate import evaluate, print_samples, summary_line
 from minirlhf.model import GPT, GPT2_NAMES, GPTConfig
 from minirlhf.tokenizer import encode_prompt, encode_response, eos_id, get_encoding, load_tokenizer
 
@@ -37,30 +38,37 @@ from minirlhf.tokenizer import encode_prompt, encode_response, eos_id, get_encod
 @dataclass
 class Args:
     """Supervised fine-tuning on demonstrations."""
+    # I/O
     out: str = arg("out/sft", "output folder for the checkpoint and metrics.jsonl")
     init: str = arg("", "start from: '' (random init), a GPT-2 name or folder, or a minirlhf checkpoint")
     data: str = arg("", "JSONL of {prompt, response} (or HH-RLHF chosen dialogues); '' = the built-in task")
-    tokenizer: str = arg("", "bytes | gpt2 | path/to/gpt2.tiktoken; '' = --init's (bytes for a random init)")
-    n_layer: int = arg(4, "model size for a random init (--init sets its own)")
-    n_head: int = arg(4, "attention heads")
-    n_embd: int = arg(128, "width")
-    block_size: int = arg(128, "context length (prompt + response)")
-    n_demos: int = arg(20000, "built-in task: how many demonstrations the simulated annotators write")
-    seed: int = arg(1337, "random seed")
-    device: str = arg("auto", "cpu | cuda | auto")
-    dtype: str = arg("auto", "float32 | bfloat16 (autocast, CUDA) | auto")
-    compile: bool = arg(False, "torch.compile the model (GPU)")
-    lr: float = arg(3e-3, "peak learning rate (linear warmup, cosine decay to lr/10)")
-    warmup_steps: int = arg(30, "learning-rate warmup")
-    weight_decay: float = arg(0.1, "AdamW weight decay on matrices")
-    grad_clip: float = arg(1.0, "clip the gradient norm to this")
-    batch_size: int = arg(32, "sequences per step")
-    max_steps: int = arg(800, "optimisation steps")
-    eval_interval: int = arg(200, "held-out loss and a sample every this many steps")
-    ckpt_interval: int = arg(100, "save out/sft/resume.pt every this many steps, for --resume")
     resume: bool = arg(False, "continue the run saved in --out (same arguments)")
-    eval_prompts: int = arg(300, "built-in task: held-out prompts for the final gold-reward evaluation")
-    max_new_tokens: int = arg(48, "response length limit when sampling")
+    overwrite: bool = arg(False, "replace a finished run saved in --out")
+    ckpt_interval: int = arg(100, "save out/sft/resume.pt every this many steps, for --resume", positive)
+    # system
+    seed: int = arg(1337, "random seed")
+    device: str = arg("auto", "cpu | cuda | cuda:N | auto", check_device)
+    dtype: str = arg("auto", "float32 | bfloat16 (autocast, CUDA only) | auto", check_dtype)
+    compile: bool = arg(False, "torch.compile the model (GPU)")
+    threads: int = arg(0, "CPU threads (0: torch's default); a fixed count is bit-reproducible", nonnegative)
+    # optimisation
+    lr: float = arg(3e-3, "peak learning rate (linear warmup, cosine decay to lr/10)", positive)
+    warmup_steps: int = arg(30, "learning-rate warmup", nonnegative)
+    weight_decay: float = arg(0.1, "AdamW weight decay on matrices", nonnegative)
+    grad_clip: float = arg(1.0, "clip the gradient norm to this", positive)
+    batch_size: int = arg(32, "sequences per step", positive)
+    # schedule and evaluation
+    max_steps: int = arg(800, "optimisation steps", positive)
+    eval_interval: int = arg(200, "held-out loss every this many steps", positive)
+    eval_prompts: int = arg(300, "held-out prompts for the final evaluation (0: none)", nonnegative)
+    max_new_tokens: int = arg(48, "response length limit when sampling", positive)
+    # SFT: the model (a random init) and the demonstrations
+    tokenizer: str = arg("", "bytes | gpt2 | path/to/gpt2.tiktoken; '' = --init's (bytes for a random init)")
+    n_layer: int = arg(4, "model size for a random init (--init sets its own)", positive)
+    n_head: int = arg(4, "attention heads", positive)
+    n_embd: int = arg(128, "width", positive)
+    block_size: int = arg(128, "context length (prompt + response)", positive)
+    n_demos: int = arg(20000, "built-in task: demonstrations the simulated annotators write", positive)
 
 
 def sft_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -92,140 +100,156 @@ def sft_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) ->
     return (nll * mask).sum() / mask.sum().clamp(min=1.0)
 
 
+@torch.no_grad()
+def sft_stats(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What the loss was taken over, for the log; arguments as in `sft_loss`.
+
+    tokens:    N, the response tokens the loss averaged over;
+    token_acc: the share of them whose target is the logits' argmax (what greedy decoding would emit
+               given the right prefix), a number the loss alone does not show.
+    """
+    valid = mask.bool()
+    hits = (logits.argmax(-1) == targets) & valid  # (B, T)
+    n = valid.sum()
+    return {"tokens": n, "token_acc": hits.sum() / n.clamp(min=1)}
+
+
 if __name__ == "__main__":
     args = parse_args(Args)
 
     # ---- device, dtype, seed ----------------------------------------------------------------------
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
-    dtype = ("bfloat16" if device == "cuda" else "float32") if args.dtype == "auto" else args.dtype
-    autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=(dtype == "bfloat16" and device == "cuda"))
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=(dtype == "bfloat16"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    if device == "cuda":
+    data_rng = random.Random(args.seed)                           # which demonstrations, in which order
+    if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
 
-    # ---- model and tokenizer ----------------------------------------------------------------------
+    # ---- models: the policy (and its tokenizer) ---------------------------------------------------
     if args.init and os.path.exists(ckpt_path(args.init)):                 # an earlier minirlhf checkpoint
-        model, ck = load_model(args.init, kind="lm")
+        policy, ck = load_model(args.init, kind="lm")
         tok_name = ck["tokenizer"]
-        enc = get_encoding(args.tokenizer) if args.tokenizer else load_tokenizer(ck)  # from the ranks it carries
+        enc = get_encoding(args.tokenizer) if args.tokenizer else load_tokenizer(ck)  # the ranks it carries
     elif args.init:                                                        # GPT-2 weights
-        require(os.path.isdir(args.init) or args.init in GPT2_NAMES,
-                f"--init {args.init}: no such checkpoint or folder, and not a GPT-2 name ({', '.join(GPT2_NAMES)})")
-        model, tok_name = GPT.from_pretrained(args.init), "gpt2"
+        require(os.path.isdir(args.init) or args.init in GPT2_NAMES, f"--init {args.init}: no such "
+                f"checkpoint or folder, and not a GPT-2 name ({', '.join(GPT2_NAMES)})")
+        policy, tok_name = GPT.from_pretrained(args.init), "gpt2"
         # the folder's own vocab.json + merges.txt when it has them, else tiktoken's GPT-2 (downloaded once)
         enc = get_encoding(args.tokenizer or (args.init if os.path.isdir(args.init) else "gpt2"))
     else:                                                                  # a random init
+        require(args.n_embd % args.n_head == 0,
+                f"--n-embd {args.n_embd} is not a multiple of --n-head {args.n_head}")
         enc = get_encoding(args.tokenizer or "bytes")
-        model = GPT(GPTConfig(block_size=args.block_size, vocab_size=enc.n_vocab,
-                              n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd))
+        policy = GPT(GPTConfig(block_size=args.block_size, vocab_size=enc.n_vocab,
+                               n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd))
         tok_name = enc.name
-    require(enc.name == tok_name, f"--tokenizer {args.tokenizer} is not the tokenizer of --init {args.init} ({tok_name})")
-    require(0 < args.max_new_tokens < model.config.block_size,
-            f"--max-new-tokens {args.max_new_tokens} must be positive and leave room for a prompt in the context "
-            f"of {model.config.block_size} tokens")
-    require(min(args.batch_size, args.max_steps, args.eval_interval, args.ckpt_interval) > 0,
-            "--batch-size, --max-steps, --eval-interval and --ckpt-interval must be positive")
-    model.to(device).train()
-    print(f"model: {model.num_params() / 1e6:.2f}M parameters, tokenizer {enc.name}, device {device}, dtype {dtype}")
+    require(enc.name == tok_name,
+            f"--tokenizer {args.tokenizer} is not the tokenizer of --init {args.init} ({tok_name})")
+    block_size = policy.config.block_size
+    require(args.max_new_tokens < block_size, f"--max-new-tokens {args.max_new_tokens} must leave room for a "
+            f"prompt in the context of {block_size} tokens")
+    policy.to(device).train()
+    print(f"policy: {policy.num_params() / 1e6:.2f}M parameters, tokenizer {enc.name}, device {device}, "
+          f"dtype {dtype}")
 
-    # ---- data -------------------------------------------------------------------------------------
+    # ---- data: demonstrations ---------------------------------------------------------------------
+    builtin = not args.data  # the gold judge and the held-out prompts: built-in task only
     if args.data:
         records = read_jsonl(args.data, "auto")
         require(isinstance(records[0], (SFTRecord, PairRecord)),
                 f"{args.data}: {type(records[0]).__name__}s hold no response to imitate: SFT needs "
                 "{prompt, response}, pairwise or HH-RLHF records")
-        pairs = [(r.prompt, r.response) if isinstance(r, SFTRecord) else (r.prompt, r.chosen) for r in records]
+        pairs = [(r.prompt, r.response if isinstance(r, SFTRecord) else r.chosen) for r in records]
         random.Random(args.seed).shuffle(pairs)
         n_val = max(1, len(pairs) // 20)
         val_pairs, train_pairs = pairs[:n_val], pairs[n_val:]
     else:
         train_pairs = task.sft_dataset(args.n_demos, seed=args.seed)
-        val_pairs = [(p, task.demonstration(p, random.Random(i))) for i, p in enumerate(task.heldout_prompts())]
+        val_pairs = [(p, task.demonstration(p, random.Random(i)))
+                     for i, p in enumerate(task.heldout_prompts())]
+    require(train_pairs, f"{args.data}: {len(val_pairs)} record(s), too few to hold one out and train on")
     encode = lambda ps: ([encode_prompt(enc, p) for p, _ in ps], [encode_response(enc, r) for _, r in ps])
     train_p, train_r = encode(train_pairs)
     val_p, val_r = encode(val_pairs)
     # A demonstration longer than the context loses the start of its prompt (see data.sft_batch).
-    n_long = sum(len(p) + len(r) > model.config.block_size + 1 for p, r in zip(train_p, train_r))
+    n_long = sum(len(p) + len(r) > block_size + 1 for p, r in zip(train_p, train_r))
     print(f"data: {len(train_pairs)} train, {len(val_pairs)} validation demonstrations"
-          + (f"; {n_long} longer than the context ({model.config.block_size}) lose the start of their prompt" if n_long else ""))
-    data_rng = random.Random(args.seed)
+          + (f"; {n_long} longer than the context ({block_size}) lose the start of their prompt"
+             if n_long else ""))
 
     def get_batch(P, R, idx):
-        tokens, attn, mask, _ = sft_batch([P[i] for i in idx], [R[i] for i in idx], eos_id(enc), model.config.block_size)
+        """Demonstrations idx -> tokens, mask (B, T), right-padded; mask 1 on response tokens and EOS."""
+        tokens, attn, mask, _ = sft_batch([P[i] for i in idx], [R[i] for i in idx], eos_id(enc), block_size)
         return tokens.to(device), mask.to(device)
 
     @torch.no_grad()
     def val_loss():
-        model.eval()
+        policy.eval()
         total, n = 0.0, 0
         for i in range(0, len(val_p), args.batch_size):
             tokens, mask = get_batch(val_p, val_r, range(i, min(i + args.batch_size, len(val_p))))
             with autocast:
-                logits = model(tokens[:, :-1])
+                logits = policy(tokens[:, :-1])
             k = mask[:, 1:].sum().item()
             total += sft_loss(logits, tokens[:, 1:], mask[:, 1:]).item() * k
             n += k
-        model.train()
+        policy.train()
         return total / n
 
     # ---- optimizer --------------------------------------------------------------------------------
-    decay = [p for p in model.parameters() if p.dim() >= 2]       # matrices and embeddings decay,
-    no_decay = [p for p in model.parameters() if p.dim() < 2]     # biases and LayerNorm gains do not
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=args.lr, betas=(0.9, 0.95), fused=(device == "cuda"))
-
-    def lr_at(step):
-        if step < args.warmup_steps:
-            return args.lr * (step + 1) / args.warmup_steps
-        progress = (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps)
-        return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-    train_model = torch.compile(model) if args.compile else model
+    optimizer = adamw(policy, args.lr, args.weight_decay, device)
+    lr_at = lambda step: warmup_cosine(step, args.lr, args.warmup_steps, args.max_steps)  # noqa: E731
+    train_policy = torch.compile(policy) if args.compile else policy
     # what --resume restores besides the weights: the optimizer and the RNGs (the batches drawn so far)
     state = dict(optimizer=optimizer, data_rng=data_rng)
-    start, _ = resume_or_start(args, model, state)
+    start, _ = resume_or_start(args, policy, state)
     log = Log(args.out, first_step=start)
 
     # ---- training loop ----------------------------------------------------------------------------
+    last = args.max_steps - 1
     t_start = time.time()
-    for step in tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, desc="sft", dynamic_ncols=True, disable=None):
+    for step in tqdm(range(start, args.max_steps), "sft", initial=start, total=args.max_steps, disable=None):
         t0 = time.time()
         for g in optimizer.param_groups:
             g["lr"] = lr_at(step)
-        tokens, mask = get_batch(train_p, train_r, [data_rng.randrange(len(train_p)) for _ in range(args.batch_size)])
+        idx = [data_rng.randrange(len(train_p)) for _ in range(args.batch_size)]
+        tokens, mask = get_batch(train_p, train_r, idx)
         with autocast:
-            logits = train_model(tokens[:, :-1])          # right padding: causal attention never reads it
-        # logits[:, t] scores tokens[:, t + 1]; the mask keeps response tokens (EOS included)
+            logits = train_policy(tokens[:, :-1])         # right padding: causal attention never reads it
+        # L = -mean over response tokens of log pi(y_t | x, y_<t); logits[:, t] scores tokens[:, t + 1]
         loss = sft_loss(logits, tokens[:, 1:], mask[:, 1:])
         check_finite(loss, step, args.out)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
         optimizer.step()
-        if step % 10 == 0 or step == args.max_steps - 1:
-            metrics = dict(loss=loss.item(), grad_norm=grad_norm.item(), lr=lr_at(step), ms=(time.time() - t0) * 1000)
-            if step % args.eval_interval == 0 or step == args.max_steps - 1:
+
+        evaluate_now = step % args.eval_interval == 0 or step == last
+        if step % 10 == 0 or evaluate_now:
+            metrics = dict(loss=loss, **sft_stats(logits, tokens[:, 1:], mask[:, 1:]), grad_norm=grad_norm,
+                           lr=lr_at(step), ms=(time.time() - t0) * 1000)
+            if evaluate_now:
                 metrics["val_loss"] = val_loss()
-            log(step, print_line=("val_loss" in metrics), **metrics)
-        if (step + 1) % args.ckpt_interval == 0 and step + 1 < args.max_steps:
-            save_resume(args.out, model, enc.name, args, step + 1, state)
+            log(step, print_line=evaluate_now, **metrics)
+        if (step + 1) % args.ckpt_interval == 0 and step < last:
+            save_resume(args.out, policy, enc.name, args, step + 1, state)
     train_seconds = time.time() - t_start
 
     # ---- final evaluation and save ----------------------------------------------------------------
-    model.eval()
-    extra = {"train_seconds": train_seconds, "peak_memory_mb": peak_memory_mb(device), "models_in_memory": 1,
-             "val_loss": val_loss()}
-    if not args.data:
-        metrics, samples = evaluate(model, enc, task.heldout_prompts()[: args.eval_prompts], args.max_new_tokens,
-                                    seed=args.seed, device=device)
-        extra.update(metrics)
-        for p, r, g in samples[:6]:
-            print(f"  {p!r:42} -> {r!r} (gold {g:+.2f})")
-        print(f"held-out gold reward {metrics['gold_reward_mean']:+.4f} +- {metrics['gold_reward_sem']:.4f} "
-              f"| hard: correct {metrics['hard_correct_rate']:.2f} abstain {metrics['hard_abstain_rate']:.2f} "
-              f"wrong {metrics['hard_wrong_rate']:.2f}")
-    save_checkpoint(args.out, model, enc.name, asdict(args), args.max_steps, extra)
+    policy.eval()
+    extra = dict(train_seconds=train_seconds, peak_memory_mb=peak_memory_mb(device), models_in_memory=1,
+                 val_loss=val_loss())
+    # the result is saved before anything that could fail, then again with the evaluation's numbers
+    save_checkpoint(args.out, policy, enc.name, asdict(args), args.max_steps, extra)
     remove_resume(args.out)
+    if builtin and args.eval_prompts:
+        prompts = task.heldout_prompts()[: args.eval_prompts]
+        metrics, samples = evaluate(policy, enc, prompts, args.max_new_tokens, seed=args.seed, device=device)
+        print_samples(samples)
+        print(summary_line(metrics))
+        save_checkpoint(args.out, policy, enc.name, asdict(args), args.max_steps, {**extra, **metrics})
     print(f"saved {args.out}/ckpt.pt after {train_seconds:.0f} s of training")

@@ -25,6 +25,8 @@ arguments: resuming with different ones is refused, and so is starting a fresh r
 one's resume.pt (it would be overwritten). A finished run deletes its resume.pt: ckpt.pt is the result.
 """
 
+import atexit
+import contextlib
 import dataclasses
 import glob
 import os
@@ -180,6 +182,10 @@ def resume_or_start(args, model, state: dict) -> tuple[int, dict]:
     `state` are restored in place from args.out/resume.pt, after checking that the run had the same arguments.
     """
     path = os.path.join(args.out, RESUME_NAME)
+    take_lock(args.out)
+    if not args.resume and not getattr(args, "overwrite", False) and os.path.exists(ckpt_path(args.out)):
+        raise CheckpointError(f"{ckpt_path(args.out)}: a finished run is saved here; pass --overwrite to replace it, "
+                              "or choose another --out")
     if not args.resume:
         if os.path.exists(path):
             raise CheckpointError(f"{path}: an unfinished run is saved here; pass --resume to continue it, or delete "
@@ -208,6 +214,49 @@ def resume_or_start(args, model, state: dict) -> tuple[int, dict]:
     values = {k: v for k, v in ckpt["extra"].items() if k != "resume"}
     print(f"resumed from {path} at step {ckpt['step']}")
     return ckpt["step"], values
+
+
+LOCK_NAME = "run.lock"
+
+
+def take_lock(out_dir: str):
+    """Claim `out_dir` for this process: `out_dir/run.lock` holds its pid until it exits.
+
+    Two runs writing one folder would interleave their metrics.jsonl and race on resume.pt; the second
+    is refused while the first is alive. A lock left by a process that died (SIGKILL, a power cut) names
+    a pid that no longer runs, and is taken over.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, LOCK_NAME)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(open(path).read().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and pid != os.getpid() and _alive(pid):
+                raise CheckpointError(f"{path}: another run (pid {pid}) is writing to {out_dir}; wait for it, or "
+                                      "choose another --out") from None
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)  # stale: its process is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        atexit.register(lambda: os.path.exists(path) and open(path).read() == str(os.getpid()) and os.remove(path))
+        return
+    raise CheckpointError(f"{path}: could not take the lock on {out_dir}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
 
 
 def remove_resume(out_dir: str):

@@ -50,12 +50,56 @@ def check_finite(loss, step: int, out_dir: str):
                             + ("" if os.path.exists(last) else " (this run had not written one yet)"))
 
 
+_OUT = []  # the running script's --out, for the Ctrl-C message
+
+
 def report_user_errors(kind, value, tb):
-    """sys.excepthook: a user error becomes `script: error: message` and exit status 2."""
+    """sys.excepthook: a user error becomes `script: error: message` and exit status 2; Ctrl-C becomes one
+    line naming the last resume point and the command that continues from it, and exit status 130."""
+    script = os.path.basename(sys.argv[0])
+    if issubclass(kind, KeyboardInterrupt):
+        resume = os.path.join(_OUT[0], RESUME_NAME) if _OUT else ""
+        if resume and os.path.exists(resume):
+            cmd = " ".join(sys.argv) + ("" if "--resume" in sys.argv else " --resume")
+            print(f"{script}: interrupted; {resume} holds the last resume point: continue with `python {cmd}`",
+                  file=sys.stderr)
+        else:
+            print(f"{script}: interrupted before its first resume point; nothing to continue from", file=sys.stderr)
+        sys.exit(130)
     if issubclass(kind, USER_ERRORS):
-        print(f"{os.path.basename(sys.argv[0])}: error: {value}", file=sys.stderr)
+        print(f"{script}: error: {value}", file=sys.stderr)
         sys.exit(2)
     sys.__excepthook__(kind, value, tb)
+
+
+# Checks an `arg` may carry: each returns what is wrong with a value, or None. NaN fails every one.
+def positive(v):
+    return None if v > 0 else "must be positive"
+
+
+def nonnegative(v):
+    return None if v >= 0 else "must be >= 0"
+
+
+def fraction(v):
+    return None if 0 <= v <= 1 else "must be in [0, 1]"
+
+
+def one_of(*choices):
+    return lambda v: None if v in choices else "expected one of " + ", ".join(map(str, choices))
+
+
+def check_device(device: str):
+    if device in ("auto", "cpu"):
+        return None
+    if device == "cuda" or device.startswith("cuda:"):
+        import torch
+        return None if torch.cuda.is_available() else "no CUDA device here (this torch build or machine has none)"
+    return "expected cpu, cuda, cuda:N or auto"
+
+
+def check_dtype(dtype: str):
+    return None if dtype in ("auto", "float32", "bfloat16") else "expected float32, bfloat16 or auto"
 
 
 def parse_args(cls, argv=None):
@@ -80,14 +124,53 @@ def parse_args(cls, argv=None):
     ns = vars(parser.parse_args(argv))
     lists = {f.name: f.default_factory() for f in dataclasses.fields(cls) if ns[f.name] is None and
              f.default_factory is not dataclasses.MISSING}
-    return cls(**{**ns, **lists})
+    args = cls(**{**ns, **lists})
+    # One validation pass before any model is built: every field's own check, then the devices.
+    for f in dataclasses.fields(cls):
+        value, check = getattr(args, f.name), f.metadata.get("check")
+        problem = check(value) if check else None
+        if isinstance(value, float) and not math.isfinite(value):
+            problem = "must be a finite number"
+        if problem:
+            raise UsageError(f"--{f.name.replace('_', '-')} {value}: {problem}")
+    if getattr(args, "dtype", "auto") == "bfloat16" and getattr(args, "device", "cuda") in ("cpu", "auto"):
+        import torch
+        if args.device == "cpu" or not torch.cuda.is_available():
+            raise UsageError("--dtype bfloat16: bf16 autocast runs on CUDA only here; the CPU trains in float32")
+    if getattr(args, "out", None):
+        _OUT[:] = [args.out]
+    return args
 
 
-def arg(default, help: str):
-    """A dataclass field with a help string: `lr: float = arg(1e-3, "peak learning rate")`."""
+def arg(default, help: str, check=None):
+    """A dataclass field with a help string and an optional check (see `positive` and its siblings):
+    `lr: float = arg(1e-3, "peak learning rate", positive)`."""
+    meta = {"help": help, "check": check}
     if isinstance(default, list):
-        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help})
+        return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The optimizer and schedule the AdamW stages share
+
+
+def adamw(model, lr: float, weight_decay: float, device: str):
+    """AdamW with weight decay on matrices and embeddings only (not on biases and LayerNorm gains)."""
+    import torch
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=lr, betas=(0.9, 0.95), fused=str(device).startswith("cuda"))
+
+
+def warmup_cosine(step: int, lr: float, warmup_steps: int, max_steps: int) -> float:
+    """Linear warmup to `lr` over `warmup_steps`, then cosine decay to lr / 10 at `max_steps`."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 class Log:

@@ -135,6 +135,28 @@ def gold_metrics(prompts, texts, samples_per_prompt=1):
     return metrics, gold
 
 
+def print_samples(samples, n=6):
+    """The first n (prompt, response, gold) samples of an evaluation, one line each."""
+    for p, r, g in samples[:n]:
+        print(f"  {p!r:42} -> {r!r} (gold {g:+.2f})")
+
+
+def summary_line(metrics: dict) -> str:
+    """The one closing line every stage prints after its final evaluation, from `evaluate`'s metrics:
+    `held-out gold reward -0.4123 +- 0.0251 | rm_reward +0.1200 | kl_to_sft 1.2300 | correct add 0.62 ...
+    | hard: correct 0.00 abstain 0.40 wrong 0.60` (the keys a stage has not measured are left out)."""
+    parts = [f"held-out gold reward {metrics['gold_reward_mean']:+.4f} +- {metrics['gold_reward_sem']:.4f}"]
+    for key in ("rm_reward_mean", "kl_to_sft"):
+        if key in metrics:
+            parts.append(f"{key.removesuffix('_mean')} {metrics[key]:+.4f}")
+    rates = metrics.get("correct_rate_by_kind", {})
+    if rates:
+        parts.append("correct " + " ".join(f"{k} {v:.2f}" for k, v in rates.items() if k != "hard"))
+    parts.append(f"hard: correct {metrics['hard_correct_rate']:.2f} abstain {metrics['hard_abstain_rate']:.2f} "
+                 f"wrong {metrics['hard_wrong_rate']:.2f}")
+    return " | ".join(parts)
+
+
 def evaluate(model, enc, prompts, max_new_tokens, rms=None, ref=None, samples_per_prompt=1,
              temperature=1.0, seed=0, batch_size=64, device="cpu", greedy=False):
     """Sample, then measure: -> (metrics dict, list of (prompt, response, gold) samples).

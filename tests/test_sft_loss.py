@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from train_sft import sft_loss
+from train_sft import sft_loss, sft_stats
 
 
 def reference_sft_loss(logits, targets, mask):
@@ -109,3 +109,11 @@ def test_empty_mask_gives_zero_with_grad():
     assert loss.item() == 0.0
     loss.backward()
     assert torch.all(logits.grad == 0)
+
+
+def test_stats_count_the_masked_tokens_and_their_argmax_hits():
+    logits = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, 1.0]]])  # argmax 0, 1, 2
+    targets = torch.tensor([[0, 2, 2]])
+    s = sft_stats(logits, targets, torch.tensor([[0, 1, 1]]))  # position 0 is prompt: not counted
+    assert s["tokens"].item() == 2 and s["token_acc"].item() == 0.5
+    assert sft_stats(logits, targets, torch.zeros(1, 3))["token_acc"].item() == 0.0  # no tokens: 0, not NaN
