@@ -55,7 +55,6 @@ writes out/rrhf/ckpt.pt and out/rrhf/metrics.jsonl. On the built-in task, report
 reward with its standard error, the RM reward and the KL to the SFT model, next to the SFT model's gold.
 """
 
-import math
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -65,9 +64,10 @@ from tqdm import tqdm
 
 from minirlhf import task
 from minirlhf.checkpoint import load_model, remove_resume, resume_or_start, save_checkpoint, save_resume
-from minirlhf.cli import Log, arg, check_finite, parse_args, peak_memory_mb, require
+from minirlhf.cli import (Log, adamw, arg, check_device, check_dtype, check_finite, nonnegative, parse_args,
+                          peak_memory_mb, positive, require, warmup_cosine)
 from minirlhf.data import PairRecord, RankRecord, SFTRecord, join_prompt_response, read_jsonl
-from minirlhf.evaluate import encode_prompts, evaluate, sample_responses, score
+from minirlhf.evaluate import encode_prompts, evaluate, print_samples, sample_responses, score, summary_line
 from minirlhf.ops import token_logprobs
 from minirlhf.reward import load_reward_models
 from minirlhf.tokenizer import encode_response, eos_id, load_tokenizer
@@ -76,33 +76,41 @@ from minirlhf.tokenizer import encode_response, eos_id, load_tokenizer
 @dataclass
 class Args:
     """RRHF: rank sampled responses by reward-model score."""
+    # I/O
     out: str = arg("out/rrhf", "output folder for the checkpoint and metrics.jsonl")
     init: str = arg("out/sft", "the SFT checkpoint: the policy starts here, and it is the KL reference")
-    reward_model: list = arg(["out/rm"], "reward model checkpoint PATH[:WEIGHT]; several are summed with weights")
-    data: str = arg("", "JSONL of prompts (prompts, sft, pairwise, kway or hh records, whose responses join the "
-                        "candidates); '' = the built-in task's training prompts")
-    seed: int = arg(1337, "random seed")
-    device: str = arg("auto", "cpu | cuda | auto")
-    dtype: str = arg("auto", "float32 | bfloat16 (autocast, CUDA) | auto")
-    compile: bool = arg(False, "torch.compile the model (GPU)")
-    lr: float = arg(3e-4, "peak learning rate (linear warmup, cosine decay to lr/10)")
-    warmup_steps: int = arg(10, "learning-rate warmup")
-    weight_decay: float = arg(0.0, "AdamW weight decay on matrices")
-    grad_clip: float = arg(1.0, "clip the gradient norm to this")
-    batch_size: int = arg(8, "prompts per step (each with K candidates: batch_size * K sequences)")
-    k: int = arg(4, "K, candidates per prompt: the record's dataset responses (--data), then policy samples up to K")
-    length_penalty: float = arg(1.0, "alpha in p_i = sum log pi / len**alpha (1: mean log-prob per token)")
-    temperature: float = arg(1.0, "sampling temperature of the candidates")
-    rounds: int = arg(1, "sample candidates this many times, each time from the current policy (1: SFT model only)")
-    n_prompts: int = arg(256, "prompts whose candidates are sampled and scored, each round")
-    max_steps: int = arg(120, "optimisation steps, split evenly over the rounds")
-    eval_interval: int = arg(40, "sample the policy on held-out prompts every this many steps: gold, RM reward, KL")
-    ckpt_interval: int = arg(40, "save out/rrhf/resume.pt every this many steps, for --resume")
+    data: str = arg("", "JSONL of prompts (prompts, sft, pairwise, kway or hh records, whose responses join "
+                        "the candidates); '' = the built-in task's training prompts")
+    reward_model: list = arg(["out/rm"], "a reward model PATH[:WEIGHT]; several are summed with weights")
     resume: bool = arg(False, "continue the run saved in --out (same arguments)")
-    monitor_prompts: int = arg(64, "built-in task: held-out prompts for those interval samples")
-    eval_prompts: int = arg(300, "built-in task: held-out prompts for the final evaluation")
-    max_new_tokens: int = arg(48, "response length limit when sampling")
-    gen_batch_size: int = arg(256, "sequences sampled (or scored) at once")
+    overwrite: bool = arg(False, "replace a finished run saved in --out")
+    ckpt_interval: int = arg(40, "save out/rrhf/resume.pt every this many steps, for --resume", positive)
+    # system
+    seed: int = arg(1337, "random seed")
+    device: str = arg("auto", "cpu | cuda | cuda:N | auto", check_device)
+    dtype: str = arg("auto", "float32 | bfloat16 (autocast, CUDA only) | auto", check_dtype)
+    compile: bool = arg(False, "torch.compile the model (GPU)")
+    threads: int = arg(0, "CPU threads (0: torch's default); a fixed count is bit-reproducible", nonnegative)
+    # optimisation
+    lr: float = arg(3e-4, "peak learning rate (linear warmup, cosine decay to lr/10)", positive)
+    warmup_steps: int = arg(10, "learning-rate warmup", nonnegative)
+    weight_decay: float = arg(0.0, "AdamW weight decay on matrices", nonnegative)
+    grad_clip: float = arg(1.0, "clip the gradient norm to this", positive)
+    batch_size: int = arg(8, "prompts per step (each with K candidates: batch_size * K sequences)", positive)
+    # schedule and evaluation
+    max_steps: int = arg(120, "optimisation steps, split evenly over the rounds", positive)
+    eval_interval: int = arg(40, "sample the policy on held-out prompts every this many steps", positive)
+    eval_prompts: int = arg(300, "held-out prompts for the final evaluation (0: none)", nonnegative)
+    max_new_tokens: int = arg(48, "response length limit when sampling", positive)
+    monitor_prompts: int = arg(64, "built-in task: held-out prompts for the interval evaluations", positive)
+    gen_batch_size: int = arg(256, "sequences sampled (or scored) at once", positive)
+    # RRHF
+    k: int = arg(4, "K, candidates per prompt: a record's responses (--data), then samples", positive)
+    length_penalty: float = arg(1.0, "alpha in p_i = sum log pi / len**alpha (1: mean log-prob per token)",
+                                nonnegative)
+    temperature: float = arg(1.0, "sampling temperature of the candidates", positive)
+    rounds: int = arg(1, "sample candidates this often, each time from the current policy", positive)
+    n_prompts: int = arg(256, "prompts whose candidates are sampled and scored, each round", positive)
 
 
 def rrhf_loss(
@@ -176,59 +184,61 @@ if __name__ == "__main__":
     args = parse_args(Args)
 
     # ---- device, dtype, seed ----------------------------------------------------------------------
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
-    dtype = ("bfloat16" if device == "cuda" else "float32") if args.dtype == "auto" else args.dtype
-    autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=(dtype == "bfloat16" and device == "cuda"))
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=(dtype == "bfloat16"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    if device == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
     data_rng = random.Random(args.seed)                           # which prompts each round, batch order
-    gen = torch.Generator(device=device).manual_seed(args.seed)   # the candidates' sampling
+    generator = torch.Generator(device=device).manual_seed(args.seed)  # the candidates' sampling
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
 
     # ---- models: the policy and the reward model(s); the SFT copy only measures KL -----------------
-    model, ck = load_model(args.init, device, kind="lm")
+    policy, ck = load_model(args.init, device, kind="lm")
     enc = load_tokenizer(ck)
-    model.train()
-    require(0 < args.max_new_tokens < model.config.block_size, f"--max-new-tokens {args.max_new_tokens} must be "
-            f"positive and leave room for a prompt in the context of {model.config.block_size} tokens")
-    rms = load_reward_models(args.reward_model, device, tokenizer=enc.name, block_size=model.config.block_size)
-    builtin = not args.data  # gold reward, held-out prompts and the KL reference: built-in task only
-    sft_model = load_model(args.init, device)[0].requires_grad_(False) if builtin else None
-    print(f"policy: {model.num_params() / 1e6:.2f}M parameters from {args.init}, tokenizer {enc.name}, device {device}, "
-          f"dtype {dtype} | reward: " + " + ".join(f"{rm.weight:g} * {rm.path}" for rm in rms))
+    block_size = policy.config.block_size
+    require(args.max_new_tokens < block_size, f"--max-new-tokens {args.max_new_tokens} must leave room for a "
+            f"prompt in the context of {block_size} tokens")
+    policy.train()
+    rms = load_reward_models(args.reward_model, device, tokenizer=enc.name, block_size=block_size)
+    builtin = not args.data  # the gold judge, the held-out prompts and the KL reference: built-in task only
+    ref = load_model(args.init, device)[0].requires_grad_(False) if builtin else None
+    print(f"policy: {policy.num_params() / 1e6:.2f}M parameters from {args.init}, tokenizer {enc.name}, "
+          f"device {device}, dtype {dtype} | reward: " + " + ".join(f"{r.weight:g} * {r.path}" for r in rms))
 
-    # ---- prompts, and the dataset responses that join the sampled candidates ------------------------
+    # ---- data: prompts, and the dataset responses that join the sampled candidates -----------------
     if args.data:
         def responses(r):
             if isinstance(r, SFTRecord):
                 return [r.response]
-            if isinstance(r, PairRecord):  # pairwise and HH records; the label is not read, the RM scores both
+            if isinstance(r, PairRecord):  # pairwise and HH records: the RM scores both, the label is unread
                 return [r.chosen, r.rejected]
-            return list(r.responses) if isinstance(r, RankRecord) else []  # PromptRecord: sampled candidates only
+            return list(r.responses) if isinstance(r, RankRecord) else []  # a PromptRecord: samples only
         records = [(r.prompt, responses(r)) for r in read_jsonl(args.data, "auto")]
     else:
         records = [(p, []) for p in task.train_prompts()]
-    # Every prompt gets K candidates (its own dataset responses, then policy samples), so a batch is (B, K, T).
+    # Every prompt gets K candidates (its dataset responses, then policy samples): a batch is (B, K, T).
     K = max(args.k, max(len(resp) for _, resp in records))
-    require(K >= 1 and 1 <= args.rounds <= args.max_steps, "need --k >= 1 and 1 <= --rounds <= --max-steps")
-    require(min(args.batch_size, args.n_prompts, args.gen_batch_size, args.eval_interval, args.ckpt_interval) > 0,
-            "--batch-size, --n-prompts, --gen-batch-size, --eval-interval and --ckpt-interval must be positive")
-    max_prompt = model.config.block_size - args.max_new_tokens     # prompts are cut from the left to fit
+    require(args.rounds <= args.max_steps, f"--rounds {args.rounds} exceeds --max-steps {args.max_steps}")
+    max_prompt = block_size - args.max_new_tokens     # prompts are cut from the left to fit
     n_long = encode_prompts(enc, [p for p, _ in records], max_prompt)[1]
     print(f"data: {len(records)} prompts, K = {K} candidates per prompt"
-          + (f"; {n_long} longer than the {max_prompt} tokens the context leaves them lose their start" if n_long else ""))
+          + (f"; {n_long} longer than the {max_prompt} tokens the context leaves them lose their start"
+             if n_long else ""))
 
     @torch.no_grad()
     def collect(batch):
         """K scored candidates for each (prompt, dataset responses) in `batch` -> prompt ids (N lists),
         response ids (N * K lists, EOS included), rewards (N, K), gold (N, K) or None, and the times of
         the sampling and the scoring (both end on the host, so they hold on a GPU too)."""
-        model.eval()
+        policy.eval()
         t0 = time.time()
         to_sample = [p for p, resp in batch for _ in range(K - len(resp))]
-        samples = iter(sample_responses(model, enc, to_sample, args.max_new_tokens, args.gen_batch_size,
-                                        args.temperature, generator=gen, device=device))
+        samples = iter(sample_responses(policy, enc, to_sample, args.max_new_tokens, args.gen_batch_size,
+                                        args.temperature, generator=generator, device=device))
         t_sampled = time.time()
         texts, ids = [], []
         for p, resp in batch:
@@ -242,43 +252,36 @@ if __name__ == "__main__":
         prompts = [p for p, _ in batch for _ in range(K)]
         rewards = score(rms, enc, prompts, ids, max_prompt, args.gen_batch_size, device).view(-1, K)  # (N, K)
         times = dict(rollout_ms=(t_sampled - t0) * 1000, score_ms=(time.time() - t_sampled) * 1000)
-        gold = torch.tensor([task.judge(p, t) for p, t in zip(prompts, texts)]).view(-1, K) if builtin else None
-        model.train()
+        gold = (torch.tensor([task.judge(p, t) for p, t in zip(prompts, texts)]).view(-1, K)
+                if builtin else None)
+        policy.train()
         return encode_prompts(enc, [p for p, _ in batch], max_prompt)[0], ids, rewards, gold, times
 
     def get_batch(idx):
-        """Prompts idx of the round's pool -> tokens, attention_mask, response_mask (B * K, T), rewards (B, K)."""
+        """Prompts idx of the round's pool -> tokens, attn, mask (B * K, T), rewards (B, K)."""
         P = [prompt_ids[i] for i in idx for _ in range(K)]
         R = [response_ids[i * K + k] for i in idx for k in range(K)]
-        # prompts left-padded, responses right-padded (pad = EOS under mask 0): the layout generation produced
+        # prompts left-padded, responses right-padded (pad = EOS under mask 0): the layout sampling made
         tokens, attn, mask = join_prompt_response(P, R, eos_id(enc))
         return tokens.to(device), attn.to(device), mask.to(device), rewards[idx].to(device)
 
     # ---- optimizer --------------------------------------------------------------------------------
-    decay = [p for p in model.parameters() if p.dim() >= 2]       # matrices and embeddings decay,
-    no_decay = [p for p in model.parameters() if p.dim() < 2]     # biases and LayerNorm gains do not
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=args.lr, betas=(0.9, 0.95), fused=(device == "cuda"))
-
-    def lr_at(step):
-        if step < args.warmup_steps:
-            return args.lr * (step + 1) / args.warmup_steps
-        progress = (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps)
-        return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-    train_model = torch.compile(model) if args.compile else model
-    # what --resume restores besides the weights. The round's scored candidates are saved as they are: after
-    # the first round they come from a policy that no longer exists, so they cannot be sampled again.
-    state = dict(optimizer=optimizer, data_rng=data_rng, gen=gen)
-    start, saved = resume_or_start(args, model, state)
+    optimizer = adamw(policy, args.lr, args.weight_decay, device)
+    lr_at = lambda step: warmup_cosine(step, args.lr, args.warmup_steps, args.max_steps)  # noqa: E731
+    train_policy = torch.compile(policy) if args.compile else policy
+    # what --resume restores besides the weights. The round's scored candidates are saved as they are:
+    # after the first round they come from a policy that no longer exists, so they cannot be sampled again.
+    state = dict(optimizer=optimizer, data_rng=data_rng, generator=generator)
+    start, saved = resume_or_start(args, policy, state)
     round_, order = saved.get("round", -1), saved.get("order", [])
-    prompt_ids, response_ids, rewards, gold = (saved.get(k) for k in ("prompt_ids", "response_ids", "rewards", "gold"))
+    prompt_ids, response_ids, rewards, gold = (saved.get(k) for k in ("prompt_ids", "response_ids", "rewards",
+                                                                      "gold"))
     log = Log(args.out, first_step=start)
 
     # ---- training loop ----------------------------------------------------------------------------
+    last = args.max_steps - 1
     t_start = time.time()
-    for step in tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, desc="rrhf", dynamic_ncols=True, disable=None):
+    for step in tqdm(range(start, args.max_steps), "rrhf", initial=start, total=args.max_steps, disable=None):
         round_times = {}  # a round's rollout_ms and score_ms, logged with its first step
         if step * args.rounds // args.max_steps > round_:
             # ---- a new round: candidates from the current policy (round 1: still the SFT model), scored
@@ -288,8 +291,9 @@ if __name__ == "__main__":
             prompt_ids, response_ids, rewards, gold, round_times = collect(pool)
             order = []
             best = rewards.argmax(1, keepdim=True)  # the candidate L_ft trains on
-            line = (f"round {round_ + 1}/{args.rounds} | {len(pool)} prompts x {K} candidates | {time.time() - t0:.1f} s "
-                    f"| rm_reward {rewards.mean():+.3f}, best of {K} {rewards.gather(1, best).mean():+.3f}")
+            line = (f"round {round_ + 1}/{args.rounds} | {len(pool)} prompts x {K} candidates | "
+                    f"{time.time() - t0:.1f} s | rm_reward {rewards.mean():+.3f}, best of {K} "
+                    f"{rewards.gather(1, best).mean():+.3f}")
             if gold is not None:
                 line += f" | gold {gold.mean():+.3f}, of the RM's best {gold.gather(1, best).mean():+.3f}"
             print(line)
@@ -300,63 +304,60 @@ if __name__ == "__main__":
         if len(order) < args.batch_size:  # a new pass over the round's prompts, in a new order
             order = data_rng.sample(range(len(prompt_ids)), len(prompt_ids))
         idx, order = order[: args.batch_size], order[args.batch_size:]
-        tokens, attn, resp_mask, batch_rewards = get_batch(idx)
+        tokens, attn, mask, batch_rewards = get_batch(idx)
         with autocast:
-            logits = train_model(tokens, attn)                                   # (B*K, T, V)
-        logprobs = token_logprobs(logits, tokens).view(len(idx), K, -1)          # (B, K, T), aligned with tokens
-        mask = resp_mask.view(len(idx), K, -1)                                   # (B, K, T), 1 on response tokens
+            logits = train_policy(tokens, attn)                                  # (B*K, T, V)
+        logprobs = token_logprobs(logits, tokens).view(len(idx), K, -1)          # (B, K, T), as the tokens
+        mask = mask.view(len(idx), K, -1)                                        # (B, K, T), 1 on responses
         # L = sum_{r_i < r_j} max(0, p_i - p_j) - mean_t log pi(y_best): rank by reward, SFT on the best
         loss = rrhf_loss(logprobs, mask, batch_rewards, args.length_penalty)
         check_finite(loss, step, args.out)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
         optimizer.step()
 
-        monitor = builtin and (step % args.eval_interval == 0 or step == args.max_steps - 1)
-        if step % 10 == 0 or step == args.max_steps - 1 or monitor or round_times:
+        evaluate_now = step % args.eval_interval == 0 or step == last
+        if step % 10 == 0 or evaluate_now or round_times:
             metrics = dict(loss=loss, **rrhf_stats(logprobs, mask, batch_rewards, args.length_penalty),
-                           rm_reward=batch_rewards.mean())
+                           rm_reward=batch_rewards.mean(), grad_norm=grad_norm, lr=lr_at(step), **round_times,
+                           ms=(time.time() - t0) * 1000)
             if builtin:  # the gold of the candidates, and of the one the RM ranks first (L_ft's target)
                 batch_gold = gold[idx]                                                       # (B, K)
                 best = batch_rewards.argmax(1, keepdim=True).cpu()                           # (B, 1)
-                metrics.update(gold_reward=batch_gold.mean(), gold_reward_best=batch_gold.gather(1, best).mean())
-            metrics.update(grad_norm=grad_norm, lr=lr_at(step), **round_times, ms=(time.time() - t0) * 1000)
-            if monitor:
+                metrics.update(gold_reward=batch_gold.mean(),
+                               gold_reward_best=batch_gold.gather(1, best).mean())
+            if evaluate_now and builtin:
                 # the policy's own samples on held-out prompts: what training has done so far (same seed
                 # every time, so the points differ by the policy, not by the sampling noise)
-                m, samples = evaluate(model, enc, task.heldout_prompts()[: args.monitor_prompts], args.max_new_tokens,
-                                      rms=rms, ref=sft_model, seed=args.seed, device=device)
-                model.train()
-                metrics.update(eval_gold_reward=m["gold_reward_mean"], eval_rm_reward=m["rm_reward_mean"], kl=m["kl_to_sft"])
+                m, samples = evaluate(policy, enc, task.heldout_prompts()[: args.monitor_prompts],
+                                      args.max_new_tokens, rms=rms, ref=ref, seed=args.seed, device=device)
+                policy.train()
+                metrics.update(eval_gold_reward=m["gold_reward_mean"], eval_rm_reward=m["rm_reward_mean"],
+                               kl=m["kl_to_sft"])
             log(step, **metrics)
-            if monitor:
-                for prompt, response, g in samples[:2]:
-                    print(f"  {prompt!r:42} -> {response!r} (gold {g:+.2f})")
-        if (step + 1) % args.ckpt_interval == 0 and step + 1 < args.max_steps:
-            save_resume(args.out, model, enc.name, args, step + 1, state, round=round_, order=order,
+            if evaluate_now and builtin:
+                print_samples(samples, 2)
+        if (step + 1) % args.ckpt_interval == 0 and step < last:
+            save_resume(args.out, policy, enc.name, args, step + 1, state, round=round_, order=order,
                         prompt_ids=prompt_ids, response_ids=response_ids, rewards=rewards, gold=gold)
     train_seconds = time.time() - t_start
 
     # ---- final evaluation and save ----------------------------------------------------------------
-    model.eval()
-    # held: the policy, the reward model(s) and the SFT copy (for the KL only); needed: the policy and the RM(s)
-    extra = {"train_seconds": train_seconds, "models_in_memory": 1 + len(rms) + (sft_model is not None),
-             "models_needed": 1 + len(rms)}
-    if builtin:
-        metrics, samples = evaluate(model, enc, task.heldout_prompts()[: args.eval_prompts], args.max_new_tokens,
-                                    rms=rms, ref=sft_model, seed=args.seed, device=device)
-        extra.update(metrics)
-        for p, r, g in samples[:6]:
-            print(f"  {p!r:42} -> {r!r} (gold {g:+.2f})")
-        print(f"held-out gold reward {metrics['gold_reward_mean']:+.4f} +- {metrics['gold_reward_sem']:.4f} "
-              f"| rm_reward {metrics['rm_reward_mean']:+.4f} | kl_to_sft {metrics['kl_to_sft']:.4f} "
-              f"| hard: correct {metrics['hard_correct_rate']:.2f} abstain {metrics['hard_abstain_rate']:.2f} "
-              f"wrong {metrics['hard_wrong_rate']:.2f}")
-        if "gold_reward_mean" in ck["extra"]:
-            print(f"SFT, as train_sft.py measured it: held-out gold reward {ck['extra']['gold_reward_mean']:+.4f} "
-                  f"+- {ck['extra']['gold_reward_sem']:.4f}")
-    extra["peak_memory_mb"] = peak_memory_mb(device)
-    save_checkpoint(args.out, model, enc.name, asdict(args), args.max_steps, extra)
+    policy.eval()
+    # held: the policy, the reward model(s) and the SFT copy (for the KL only); needed: the policy, the RM(s)
+    extra = dict(train_seconds=train_seconds, peak_memory_mb=peak_memory_mb(device),
+                 models_in_memory=1 + len(rms) + (ref is not None), models_needed=1 + len(rms))
+    # the result is saved before anything that could fail, then again with the evaluation's numbers
+    save_checkpoint(args.out, policy, enc.name, asdict(args), args.max_steps, extra)
     remove_resume(args.out)
+    if builtin and args.eval_prompts:
+        prompts = task.heldout_prompts()[: args.eval_prompts]
+        metrics, samples = evaluate(policy, enc, prompts, args.max_new_tokens, rms=rms, ref=ref,
+                                    seed=args.seed, device=device)
+        print_samples(samples)
+        print(summary_line(metrics))
+        if "gold_reward_mean" in ck["extra"]:
+            print(f"SFT, as train_sft.py measured it: {summary_line(ck['extra'])}")
+        save_checkpoint(args.out, policy, enc.name, asdict(args), args.max_steps, {**extra, **metrics})
     print(f"saved {args.out}/ckpt.pt after {train_seconds:.0f} s of training")
