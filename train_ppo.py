@@ -41,9 +41,10 @@ from tqdm import tqdm
 
 from minirlhf import task
 from minirlhf.checkpoint import load_model, remove_resume, resume_or_start, save_checkpoint, save_resume
-from minirlhf.cli import Log, arg, check_finite, parse_args, peak_memory_mb, require
+from minirlhf.cli import (Log, arg, check_device, check_dtype, check_finite, fraction, nonnegative, one_of,
+                          parse_args, peak_memory_mb, positive, require)
 from minirlhf.data import left_pad, read_jsonl
-from minirlhf.evaluate import encode_prompts, evaluate
+from minirlhf.evaluate import encode_prompts, evaluate, print_samples, summary_line
 from minirlhf.model import ScalarHead, generate
 from minirlhf.ops import last_index, masked_mean, masked_var, masked_whiten, token_logprobs
 from minirlhf.reward import combined_reward, load_reward_models
@@ -53,36 +54,45 @@ from minirlhf.tokenizer import decode_response, eos_id, load_tokenizer
 @dataclass
 class Args:
     """PPO against a reward model, with a KL penalty to the SFT model."""
-    out: str = arg("out/ppo", "output folder")
+    # I/O
+    out: str = arg("out/ppo", "output folder for the checkpoint and metrics.jsonl")
     init: str = arg("out/sft", "the SFT checkpoint: the initial policy and the frozen reference")
-    reward_model: list = arg(["out/rm"], "PATH[:WEIGHT] of a reward model; repeat to combine several")
-    critic_init: str = arg("rm", "rm: the critic starts as the (first) reward model; sft: SFT trunk + new head")
     data: str = arg("", "JSONL with a 'prompt' field per line; '' = the built-in task's training prompts")
-    seed: int = arg(1337, "random seed")
-    device: str = arg("auto", "cpu | cuda | auto")
-    dtype: str = arg("auto", "float32 | bfloat16 (autocast, CUDA) | auto")
-    compile: bool = arg(False, "torch.compile the policy and critic forwards (GPU)")
-    lr: float = arg(1e-4, "policy learning rate (Adam)")
-    critic_lr: float = arg(1e-3, "critic learning rate")
-    batch_size: int = arg(64, "prompts (= responses) per rollout")
-    minibatch_size: int = arg(32, "responses per gradient step")
-    ppo_epochs: int = arg(4, "passes over each rollout")
-    max_steps: int = arg(60, "PPO iterations (rollout + update)")
-    eval_interval: int = arg(20, "print decoded samples every this many iterations")
-    ckpt_interval: int = arg(20, "save out/ppo/resume.pt every this many iterations, for --resume")
+    reward_model: list = arg(["out/rm"], "a reward model PATH[:WEIGHT]; several are summed with weights")
     resume: bool = arg(False, "continue the run saved in --out (same arguments)")
-    temperature: float = arg(1.0, "sampling temperature; log-probs are taken at the same temperature")
-    max_new_tokens: int = arg(48, "response length limit")
-    clip_eps: float = arg(0.2, "PPO ratio clip")
-    vf_clip_eps: float = arg(0.2, "value clip, in reward units")
-    gamma: float = arg(1.0, "discount: 1, the episode is one short response")
-    lam: float = arg(0.95, "GAE lambda")
-    kl_coef: float = arg(0.05, "initial KL coefficient beta")
-    kl_target: float = arg(4.0, "adaptive KL target in nats per response; 0 = fixed coefficient")
-    kl_horizon: int = arg(10000, "adaptive KL horizon in samples (Ziegler et al.)")
-    missing_eos_penalty: float = arg(1.0, "subtracted from the score of a response that never emits EOS")
-    grad_clip: float = arg(1.0, "clip each model's gradient norm")
-    eval_prompts: int = arg(300, "held-out prompts for the final evaluation (built-in task)")
+    overwrite: bool = arg(False, "replace a finished run saved in --out")
+    ckpt_interval: int = arg(20, "save out/ppo/resume.pt every this many iterations, for --resume", positive)
+    # system
+    seed: int = arg(1337, "random seed")
+    device: str = arg("auto", "cpu | cuda | cuda:N | auto", check_device)
+    dtype: str = arg("auto", "float32 | bfloat16 (autocast, CUDA only) | auto", check_dtype)
+    compile: bool = arg(False, "torch.compile the policy and critic forwards of the update (GPU)")
+    threads: int = arg(0, "CPU threads (0: torch's default); a fixed count is bit-reproducible", nonnegative)
+    # optimisation
+    lr: float = arg(1e-4, "policy learning rate (Adam)", positive)
+    grad_clip: float = arg(1.0, "clip each model's gradient norm", positive)
+    batch_size: int = arg(64, "prompts (= responses) per rollout", positive)
+    minibatch_size: int = arg(32, "responses per gradient step", positive)
+    ppo_epochs: int = arg(4, "passes over each rollout", positive)
+    # schedule and evaluation
+    max_steps: int = arg(60, "PPO iterations (rollout + update)", positive)
+    eval_interval: int = arg(20, "print decoded samples every this many iterations", positive)
+    eval_prompts: int = arg(300, "held-out prompts for the final evaluation (0: none)", nonnegative)
+    max_new_tokens: int = arg(48, "response length limit", positive)
+    # PPO
+    critic_init: str = arg("rm", "rm: the critic starts as the (first) reward model; sft: SFT trunk + a head",
+                           one_of("rm", "sft"))
+    critic_lr: float = arg(1e-3, "critic learning rate", positive)
+    temperature: float = arg(1.0, "sampling temperature; log-probs are taken at the same one", positive)
+    clip_eps: float = arg(0.2, "PPO ratio clip", positive)
+    vf_clip_eps: float = arg(0.2, "value clip, in reward units", positive)
+    gamma: float = arg(1.0, "discount: 1, the episode is one short response", fraction)
+    lam: float = arg(0.95, "GAE lambda", fraction)
+    kl_coef: float = arg(0.05, "initial KL coefficient beta", nonnegative)
+    kl_target: float = arg(4.0, "adaptive KL target in nats per response; 0 = fixed coefficient", nonnegative)
+    kl_horizon: int = arg(10000, "adaptive KL horizon in samples (Ziegler et al.)", positive)
+    missing_eos_penalty: float = arg(1.0, "subtracted from the score of a response that never emits EOS",
+                                     nonnegative)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -119,7 +129,7 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
     With d = log pi(y_t) - log pi_ref(y_t) = `logprobs - ref_logprobs` (any shape, e.g. (B, T)):
 
         "k1":  d                    unbiased, but a single sample can be negative (high variance)
-        "k2":  d**2 / 2             never negative, biased (slightly, when pi is close to pi_ref), low variance
+        "k2":  d**2 / 2             never negative, biased (slightly, when pi is near pi_ref), low variance
         "k3":  exp(-d) - 1 + d      unbiased and never negative: (rho - 1) - log rho with rho = pi_ref / pi,
                                     i.e. k1 plus the zero-mean control variate rho - 1
 
@@ -326,7 +336,7 @@ class AdaptiveKLController:
         self.horizon = float(horizon)
 
     def update(self, current_kl: float, n_steps: int) -> None:
-        """`current_kl`: the KL(pi || pi_ref) just measured; `n_steps`: samples (or steps) since the last update."""
+        """`current_kl`: the KL(pi || pi_ref) just measured; `n_steps`: samples (or steps) since the last."""
         error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + error * n_steps / self.horizon
 
@@ -374,11 +384,11 @@ def rollout(policy, ref, critic, rms, enc, prompts, args, kl_coef, generator):
     logprobs, entropy = policy_forward(policy, seqs, attn, args.temperature)
     ref_logprobs, _ = policy_forward(ref, seqs, attn, args.temperature)
     values = critic_forward(critic, seqs, attn)
-    scores = combined_reward(rms, seqs, attn, mask)                           # (B,) at the last response token
+    scores = combined_reward(rms, seqs, attn, mask)                          # (B,) at the last response token
     has_eos = seqs.gather(1, last_index(mask)[:, None]).squeeze(1) == eos_id(enc)
     scores = scores - args.missing_eos_penalty * (~has_eos).float()
-    rewards = token_rewards(scores, logprobs, ref_logprobs, mask, kl_coef)   # r_t = -beta * kl_t (+ score at EOS)
-    advantages, returns = gae(rewards, values, mask, args.gamma, args.lam)    # returns are taken before whitening
+    rewards = token_rewards(scores, logprobs, ref_logprobs, mask, kl_coef)   # -beta kl_t (+ score at the end)
+    advantages, returns = gae(rewards, values, mask, args.gamma, args.lam)   # returns taken before whitening
     advantages = masked_whiten(advantages, mask)
     P = idx.size(1)
     texts = [decode_response(enc, row[m.bool()].tolist()) for row, m in zip(seqs[:, P:], mask[:, P:])]
@@ -391,66 +401,69 @@ if __name__ == "__main__":
     args = parse_args(Args)
 
     # ---- device, dtype, seed ----------------------------------------------------------------------
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
-    dtype = ("bfloat16" if device == "cuda" else "float32") if args.dtype == "auto" else args.dtype
-    autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=(dtype == "bfloat16" and device == "cuda"))
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=(dtype == "bfloat16"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    prompt_rng = random.Random(args.seed)
-    if device == "cuda":
+    random.seed(args.seed)
+    data_rng = random.Random(args.seed)                           # which prompts each rollout
+    generator = torch.Generator(device=device).manual_seed(args.seed)  # sampling and minibatch order
+    if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
 
-    # ---- the four models --------------------------------------------------------------------------
+    # ---- models: policy, reference, reward model(s), critic ---------------------------------------
     policy, ck = load_model(args.init, device, kind="lm")
     enc = load_tokenizer(ck)
     block_size = policy.config.block_size
-    require(0 < args.max_new_tokens < block_size, f"--max-new-tokens {args.max_new_tokens} must be positive and leave "
-            f"room for a prompt in the context of {block_size} tokens")
-    require(args.critic_init in ("rm", "sft"), f"--critic-init {args.critic_init!r}: expected 'rm' or 'sft'")
-    ref = copy.deepcopy(policy).eval()
-    for p in ref.parameters():
-        p.requires_grad_(False)
+    require(args.max_new_tokens < block_size, f"--max-new-tokens {args.max_new_tokens} must leave room for a "
+            f"prompt in the context of {block_size} tokens")
+    policy.train()
+    ref = copy.deepcopy(policy).eval().requires_grad_(False)
     rms = load_reward_models(args.reward_model, device, tokenizer=enc.name, block_size=block_size)
-    if args.critic_init == "rm":
-        critic = critic_from_reward_model(rms[0])
-    else:
-        critic = ScalarHead(copy.deepcopy(policy))
+    critic = (critic_from_reward_model(rms[0]) if args.critic_init == "rm"
+              else ScalarHead(copy.deepcopy(policy)))
     critic.to(device)
     # The reference and reward models must never change: keep a copy of their weights to check at the end.
-    frozen_before = [{k: v.clone() for k, v in m.state_dict().items()} for m in [ref] + [rm.model for rm in rms]]
-    policy_opt = torch.optim.Adam(policy.parameters(), lr=args.lr, eps=1e-5, fused=(device == "cuda"))
-    critic_opt = torch.optim.Adam(critic.parameters(), lr=args.critic_lr, eps=1e-5, fused=(device == "cuda"))
+    frozen = [ref] + [rm.model for rm in rms]
+    frozen_before = [{k: v.clone() for k, v in m.state_dict().items()} for m in frozen]
+    builtin = not args.data  # the gold judge and the held-out prompts: built-in task only
+    print(f"policy/reference {policy.num_params() / 1e6:.2f}M parameters, tokenizer {enc.name}, device "
+          f"{device}, dtype {dtype} | {len(rms)} reward model(s), critic from {args.critic_init}")
+
+    # ---- data: prompts ----------------------------------------------------------------------------
+    prompts = [r.prompt for r in read_jsonl(args.data, "auto")] if args.data else task.train_prompts()
+    n_long = encode_prompts(enc, prompts, block_size - args.max_new_tokens)[1]
+    if n_long:  # the rollout cuts them from the left, keeping the question's end and the "Assistant:" cue
+        print(f"prompts: {n_long} of {len(prompts)} are longer than the {block_size - args.max_new_tokens} "
+              "tokens the context leaves them, and lose their start")
+    require(args.batch_size % args.minibatch_size == 0,
+            f"--batch-size {args.batch_size} is not a multiple of --minibatch-size {args.minibatch_size}")
+
+    # ---- optimizer --------------------------------------------------------------------------------
+    fused = device.startswith("cuda")
+    policy_opt = torch.optim.Adam(policy.parameters(), lr=args.lr, eps=1e-5, fused=fused)
+    critic_opt = torch.optim.Adam(critic.parameters(), lr=args.critic_lr, eps=1e-5, fused=fused)
+    kl_ctl = (AdaptiveKLController(args.kl_coef, args.kl_target, args.kl_horizon) if args.kl_target > 0
+              else FixedKLController(args.kl_coef))
     # --compile speeds up the update's forwards only: the sampler feeds the model a new shape each step.
     # The rollout's log-probs stay eager, so the first ratio is 1 up to the compiled kernels' rounding.
     update_policy_forward = torch.compile(policy_forward) if args.compile else policy_forward
     update_critic_forward = torch.compile(critic_forward) if args.compile else critic_forward
-    kl_ctl = AdaptiveKLController(args.kl_coef, args.kl_target, args.kl_horizon) if args.kl_target > 0 else FixedKLController(args.kl_coef)
-    print(f"policy/reference {policy.num_params() / 1e6:.2f}M params, {len(rms)} reward model(s), critic from {args.critic_init}")
-
-    # ---- prompts ----------------------------------------------------------------------------------
-    if args.data:
-        prompts = [r.prompt for r in read_jsonl(args.data, "auto")]
-    else:
-        prompts = task.train_prompts()
-    n_long = encode_prompts(enc, prompts, block_size - args.max_new_tokens)[1]
-    if n_long:  # the rollout cuts them from the left, keeping the question's end and the "Assistant:" cue
-        print(f"prompts: {n_long} of {len(prompts)} are longer than the {block_size - args.max_new_tokens} tokens the "
-              "context leaves them, and lose their start")
-    require(min(args.minibatch_size, args.max_steps, args.eval_interval, args.ckpt_interval, args.ppo_epochs) > 0,
-            "--minibatch-size, --max-steps, --eval-interval, --ckpt-interval and --ppo-epochs must be positive")
-    require(args.batch_size % args.minibatch_size == 0,
-            f"--batch-size {args.batch_size} is not a multiple of --minibatch-size {args.minibatch_size}")
     # what --resume restores besides the policy's weights
-    state = dict(critic=critic, policy_opt=policy_opt, critic_opt=critic_opt, generator=generator, prompt_rng=prompt_rng)
+    state = dict(critic=critic, policy_opt=policy_opt, critic_opt=critic_opt, generator=generator,
+                 data_rng=data_rng)
     start, saved = resume_or_start(args, policy, state)
     kl_ctl.value = saved.get("kl_coef", kl_ctl.value)
     log = Log(args.out, first_step=start)
 
     # ---- training loop ----------------------------------------------------------------------------
+    last = args.max_steps - 1
     t_start = time.time()
-    for step in tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, desc="ppo", dynamic_ncols=True, disable=None):
+    for step in tqdm(range(start, args.max_steps), "ppo", initial=start, total=args.max_steps, disable=None):
         t0 = time.time()
-        batch_prompts = [prompts[prompt_rng.randrange(len(prompts))] for _ in range(args.batch_size)]
+        batch_prompts = [prompts[data_rng.randrange(len(prompts))] for _ in range(args.batch_size)]
         with autocast:
             b = rollout(policy, ref, critic, rms, enc, batch_prompts, args, kl_ctl.value, generator)
         mask = b["mask"]
@@ -465,8 +478,9 @@ if __name__ == "__main__":
             for mb in perm.split(args.minibatch_size):
                 m = mask[mb]
                 with autocast:
-                    logprobs, _ = update_policy_forward(policy, b["seqs"][mb], b["attn"][mb], args.temperature)
-                    values = update_critic_forward(critic, b["seqs"][mb], b["attn"][mb])
+                    tokens, attn = b["seqs"][mb], b["attn"][mb]
+                    logprobs, _ = update_policy_forward(policy, tokens, attn, args.temperature)
+                    values = update_critic_forward(critic, tokens, attn)
                 # L_pg = mean_t max(-A_t rho_t, -A_t clip(rho_t, 1 +- eps)),  rho_t = pi / pi_old
                 pg_loss = ppo_policy_loss(logprobs, b["logprobs"][mb], b["advantages"][mb], m, args.clip_eps)
                 # L_vf = 0.5 mean_t max((V_t - G_t)^2, (V_old + clip(V_t - V_old) - G_t)^2)
@@ -480,45 +494,47 @@ if __name__ == "__main__":
                 policy_opt.step()
                 critic_opt.step()
                 s = ppo_policy_stats(logprobs, b["logprobs"][mb], b["advantages"][mb], m, args.clip_eps)
-                for k, v in (("pg_loss", pg_loss), ("vf_loss", vf_loss), ("approx_kl", s["approx_kl"]), ("clipfrac", s["clipfrac"])):
+                for k, v in (("pg_loss", pg_loss), ("vf_loss", vf_loss), *s.items()):
                     stats[k].append(v.item())
 
         # KL(pi || pi_ref) of this rollout, per response (summed over its tokens, k1); drives the controller
         kl = ((b["logprobs"] - b["ref_logprobs"]) * mask).sum(1).mean().item()
         kl_ctl.update(kl, args.batch_size)
         returns, old_values = b["returns"], b["values"]
-        explained_var = 1 - (masked_var(returns - old_values, mask) / masked_var(returns, mask).clamp(min=1e-8)).item()
-        gold = [task.judge(p, t) for p, t in zip(batch_prompts, b["texts"])] if not args.data else [0.0]
-        log(step, rm_reward=b["scores"].mean(), gold_reward=sum(gold) / len(gold), kl=kl, kl_coef=kl_ctl.value,
-            entropy=masked_mean(b["entropy"], mask), approx_kl=sum(stats["approx_kl"]) / len(stats["approx_kl"]),
-            clipfrac=sum(stats["clipfrac"]) / len(stats["clipfrac"]), pg_loss=sum(stats["pg_loss"]) / len(stats["pg_loss"]),
-            vf_loss=sum(stats["vf_loss"]) / len(stats["vf_loss"]), explained_var=explained_var,
-            response_len=mask.sum(1).float().mean(), eos_rate=b["has_eos"].float().mean(),
-            first_approx_kl=stats["approx_kl"][0], rollout_ms=b["sample_seconds"] * 1000,
-            score_ms=(t_rollout - b["sample_seconds"]) * 1000, ms=(time.time() - t0) * 1000)
-        if step % args.eval_interval == 0 or step == args.max_steps - 1:
+        explained_var = 1 - masked_var(returns - old_values, mask) / masked_var(returns, mask).clamp(min=1e-8)
+        metrics = dict(rm_reward=b["scores"].mean(), kl=kl, kl_coef=kl_ctl.value,
+                       entropy=masked_mean(b["entropy"], mask),
+                       **{k: sum(v) / len(v) for k, v in stats.items()}, explained_var=explained_var,
+                       response_len=mask.sum(1).float().mean(), eos_rate=b["has_eos"].float().mean(),
+                       first_approx_kl=stats["approx_kl"][0], rollout_ms=b["sample_seconds"] * 1000,
+                       score_ms=(t_rollout - b["sample_seconds"]) * 1000, ms=(time.time() - t0) * 1000)
+        if builtin:  # the gold reward of the rollout (the simulated human: training never sees it)
+            gold = [task.judge(p, t) for p, t in zip(batch_prompts, b["texts"])]
+            metrics["gold_reward"] = sum(gold) / len(gold)
+        log(step, **metrics)
+        evaluate_now = step % args.eval_interval == 0 or step == last
+        if evaluate_now:
             for p, t in list(zip(batch_prompts, b["texts"]))[:3]:
                 print(f"    {p!r:42} -> {t!r}")
-        if (step + 1) % args.ckpt_interval == 0 and step + 1 < args.max_steps:
+        if (step + 1) % args.ckpt_interval == 0 and step < last:
             save_resume(args.out, policy, enc.name, args, step + 1, state, kl_coef=kl_ctl.value)
     train_seconds = time.time() - t_start
 
-    # ---- checks, final evaluation and save -------------------------------------------------------
-    for before, m in zip(frozen_before, [ref] + [rm.model for rm in rms]):
+    # ---- final evaluation and save ----------------------------------------------------------------
+    for before, m in zip(frozen_before, frozen):
         assert all(torch.equal(before[k], v) for k, v in m.state_dict().items()), "a frozen model changed"
     print("reference and reward models unchanged: ok")
     policy.eval()
-    extra = {"train_seconds": train_seconds, "peak_memory_mb": peak_memory_mb(device),
-             "models_in_memory": 3 + len(rms), "kl_coef": kl_ctl.value}
-    if not args.data:
-        metrics, samples = evaluate(policy, enc, task.heldout_prompts()[: args.eval_prompts], args.max_new_tokens,
-                                    rms=rms, ref=ref, seed=args.seed, device=device)
-        extra.update(metrics)
-        for p, r, g in samples[:6]:
-            print(f"  {p!r:42} -> {r!r} (gold {g:+.2f})")
-        print(f"held-out gold reward {metrics['gold_reward_mean']:+.4f} +- {metrics['gold_reward_sem']:.4f} | "
-              f"rm {metrics['rm_reward_mean']:+.3f} | kl to sft {metrics['kl_to_sft']:.3f} | hard: correct "
-              f"{metrics['hard_correct_rate']:.2f} abstain {metrics['hard_abstain_rate']:.2f} wrong {metrics['hard_wrong_rate']:.2f}")
+    extra = dict(train_seconds=train_seconds, peak_memory_mb=peak_memory_mb(device),
+                 models_in_memory=3 + len(rms), kl_coef=kl_ctl.value)
+    # the result is saved before anything that could fail, then again with the evaluation's numbers
     save_checkpoint(args.out, policy, enc.name, asdict(args), args.max_steps, extra)
     remove_resume(args.out)
+    if builtin and args.eval_prompts:
+        prompts = task.heldout_prompts()[: args.eval_prompts]
+        metrics, samples = evaluate(policy, enc, prompts, args.max_new_tokens, rms=rms, ref=ref,
+                                    seed=args.seed, device=device)
+        print_samples(samples)
+        print(summary_line(metrics))
+        save_checkpoint(args.out, policy, enc.name, asdict(args), args.max_steps, {**extra, **metrics})
     print(f"saved {args.out}/ckpt.pt after {train_seconds:.0f} s of training")

@@ -344,7 +344,7 @@ RESUME_CASES = {
     # a short KL horizon, so the KL coefficient moves and must be restored
     "train_ppo.py": (lambda c: [*PPO_TINY, "--init", c["sft"], "--reward-model", c["rm"], "--kl-horizon", "10"], 2,
                      lambda ck: ck["step"] == 2 and ck["extra"]["kl_coef"] != 0.05
-                     and {"critic", "policy_opt", "critic_opt", "generator", "prompt_rng"} <= set(ck["extra"]["resume"])),
+                     and {"critic", "policy_opt", "critic_opt", "generator", "data_rng"} <= set(ck["extra"]["resume"])),
     # killed in the second round, whose candidates were sampled from the trained policy: they must come back
     "train_rrhf.py": (lambda c: [*RRHF_TINY, "--init", c["sft"], "--reward-model", c["rm"]], 3,
                       lambda ck: ck["step"] == 3 and ck["extra"]["round"] == 1 and len(ck["extra"]["response_ids"]) == 8),
