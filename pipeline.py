@@ -3,16 +3,19 @@
     python pipeline.py                 # about 10 minutes on a 2-core CPU
     python pipeline.py --fast          # a few-step version of every stage: checks the plumbing in ~1 minute
 
-Runs, each as its own process (so its wall time and peak memory are its own):
-    1. train_sft.py    demonstrations -> the SFT policy                        out/sft
-    2. train_rm.py     SFT samples ranked by the noisy labeler -> reward model   out/rm
-    3. train_ppo.py    PPO against the reward model, KL to the SFT model        out/ppo
-    4. train_rrhf.py   RRHF: rank the SFT model's own samples, no critic/ref     out/rrhf
-    5. best-of-n       n samples from the SFT model, the reward model picks one (no training)
-    6. one evaluation of every method on the same held-out prompts and seed
-and writes out/report.json, out/report.md (the table), training curves as PNGs (with matplotlib) and
-a few sample answers per method side by side. Any stage's extra flags can be passed through, e.g.
-`--ppo "--max-steps 100"`.
+Runs the rows of `STAGES` in order, each as its own process (so its wall time and peak memory are its own):
+    sft            train_sft.py    demonstrations -> the SFT policy                          out/sft
+    rm             train_rm.py     SFT samples ranked by the noisy labeler -> reward model   out/rm
+                                   (and the comparisons it learned from, for DPO)
+    best_of_n      evaluate        n SFT samples, the reward model picks one (no training)
+    ppo            train_ppo.py    PPO against the reward model, KL to the SFT model         out/ppo
+    rrhf           train_rrhf.py   rank the SFT model's own samples by reward, no critic/ref  out/rrhf
+    dpo            train_dpo.py    the RM's labelled comparisons as a loss on the policy      out/dpo
+    grpo           train_grpo.py   group-relative advantages from the reward model            out/grpo
+    grpo_verifier  train_grpo.py   the same, rewarded by a rule that checks the answer        out/grpo_verifier
+then one evaluation of every method on the same held-out prompts and seed, and writes out/report.json,
+out/report.md (the tables), training curves as PNGs (with matplotlib) and a few sample answers per
+method side by side. Any stage's extra flags can be passed through, e.g. `--ppo "--max-steps 100"`.
 """
 
 import argparse
@@ -22,16 +25,50 @@ import shlex
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-METHODS = ("sft", "best_of_n", "ppo", "rrhf")
-FAST = {  # every stage shrunk to a few steps: the pipeline's plumbing, not its results
-    "sft": "--n-layer 1 --n-head 2 --n-embd 32 --max-steps 20 --n-demos 256 --eval-prompts 12 --max-new-tokens 16",
-    "rm": "--n-prompts 16 --eval-prompts 8 --max-steps 4 --batch-size 4 --max-new-tokens 16",
-    "ppo": "--max-steps 2 --batch-size 8 --minibatch-size 4 --ppo-epochs 1 --max-new-tokens 16 --eval-prompts 8",
-    "rrhf": "--n-prompts 8 --max-steps 2 --batch-size 2 --max-new-tokens 16 --eval-prompts 8 --monitor-prompts 4",
-    "eval": "--n-prompts 12 --samples-per-prompt 1 --max-new-tokens 16",
-}
+
+
+@dataclass
+class Stage:
+    """One row of the pipeline: a script, its inputs, its flags on the default and the --fast run."""
+    name: str      # its output folder out/<name> and its row in the report
+    script: str    # a stage script, or "-m module"
+    inputs: str    # what it reads from the earlier stages ({out} is the output root)
+    fast: str      # added with --fast: a few steps, tiny sizes (the plumbing, not the results)
+    curves: tuple  # metrics.jsonl keys plotted under out/curves_<name>.png
+    method: bool = True  # a row of the results table (the reward model is a stage, not a method)
+
+
+# Adding a method adds a row. Order matters: every stage reads only what the rows above it wrote.
+STAGES = [
+    Stage("sft", "train_sft.py", "",
+          "--n-layer 1 --n-head 2 --n-embd 32 --max-steps 20 --n-demos 256 --eval-prompts 12 --max-new-tokens 16",
+          ("loss", "val_loss")),
+    Stage("rm", "train_rm.py", "--init {out}/sft",
+          "--n-prompts 16 --eval-prompts 8 --max-steps 4 --batch-size 4 --max-new-tokens 16",
+          ("loss", "acc", "acc_gold"), method=False),
+    Stage("best_of_n", "-m minirlhf.evaluate", "{out}/sft --best-of-n 4 --reward-model {out}/rm --json "
+          "{out}/best_of_n.json", "--n-prompts 12 --samples-per-prompt 1 --max-new-tokens 16", ()),
+    Stage("ppo", "train_ppo.py", "--init {out}/sft --reward-model {out}/rm",
+          "--max-steps 2 --batch-size 8 --minibatch-size 4 --ppo-epochs 1 --max-new-tokens 16 --eval-prompts 8",
+          ("rm_reward", "gold_reward", "kl", "entropy")),
+    Stage("rrhf", "train_rrhf.py", "--init {out}/sft --reward-model {out}/rm",
+          "--n-prompts 8 --max-steps 2 --batch-size 2 --max-new-tokens 16 --eval-prompts 8 --monitor-prompts 4",
+          ("rank_loss", "sft_loss", "eval_gold_reward", "kl")),
+    Stage("dpo", "train_dpo.py", "--init {out}/sft --comparisons {out}/rm/comparisons.jsonl",
+          "--max-steps 2 --batch-size 2 --max-new-tokens 16 --eval-prompts 8 --monitor-prompts 4",
+          ("loss", "reward_acc", "margin", "eval_gold_reward", "kl")),
+    Stage("grpo", "train_grpo.py", "--init {out}/sft --reward-model {out}/rm",
+          "--max-steps 2 --batch-size 2 --group-size 4 --minibatch-size 1 --max-new-tokens 16 --eval-prompts 8 "
+          "--monitor-prompts 4", ("reward", "eval_gold_reward", "kl", "entropy")),
+    Stage("grpo_verifier", "train_grpo.py", "--init {out}/sft --reward verifier",
+          "--max-steps 2 --batch-size 2 --group-size 4 --minibatch-size 1 --max-new-tokens 16 --eval-prompts 8 "
+          "--monitor-prompts 4", ("reward", "eval_gold_reward", "kl", "entropy")),
+]
+METHODS = [s.name for s in STAGES if s.method]
+EVAL_FAST = "--n-prompts 12 --samples-per-prompt 1 --max-new-tokens 16"
 
 
 def run(name, cmd, log_dir):
@@ -49,7 +86,7 @@ def run(name, cmd, log_dir):
     return time.time() - t0
 
 
-def plot_curves(out, stages):
+def plot_curves(out):
     """One PNG per stage from its metrics.jsonl, when matplotlib is installed."""
     try:
         import matplotlib
@@ -57,96 +94,126 @@ def plot_curves(out, stages):
         import matplotlib.pyplot as plt
     except ImportError:
         return "training curves: matplotlib is not installed (pip install matplotlib), no PNGs written"
-    keys = {"sft": ["loss", "val_loss"], "rm": ["loss", "acc", "acc_gold"], "ppo": ["rm_reward", "gold_reward", "kl", "entropy"],
-            "rrhf": ["rank_loss", "sft_loss", "eval_gold_reward", "kl"]}
     written = []
-    for stage in stages:
-        path = os.path.join(out, stage, "metrics.jsonl")
+    for stage in STAGES:
+        path = os.path.join(out, stage.name, "metrics.jsonl")
         if not os.path.exists(path):
             continue
         rows = [json.loads(line) for line in open(path)]
-        ks = [k for k in keys.get(stage, []) if any(k in r for r in rows)]
+        ks = [k for k in stage.curves if any(k in r for r in rows)]
         if not ks:
             continue
         fig, axes = plt.subplots(1, len(ks), figsize=(4 * len(ks), 3), squeeze=False)
         for ax, k in zip(axes[0], ks):
             pts = [(r["step"], r[k]) for r in rows if k in r]
             ax.plot([p[0] for p in pts], [p[1] for p in pts])
-            ax.set_title(f"{stage}: {k}")
+            ax.set_title(f"{stage.name}: {k}")
             ax.set_xlabel("step")
         fig.tight_layout()
-        fig.savefig(os.path.join(out, f"curves_{stage}.png"), dpi=80)
+        fig.savefig(os.path.join(out, f"curves_{stage.name}.png"), dpi=80)
         plt.close(fig)
-        written.append(f"curves_{stage}.png")
+        written.append(f"curves_{stage.name}.png")
     return "training curves: " + ", ".join(written)
 
 
+COLUMNS = [("gold_reward_mean", "gold reward", "+.3f"), ("gold_reward_sem", "± sem", ".3f"),
+           ("rm_reward_mean", "RM reward", "+.3f"), ("kl_to_sft", "KL to SFT", ".2f"),
+           ("gold_correctness", "correct.", "+.3f"), ("gold_honesty", "honesty", "+.3f"),
+           ("gold_politeness", "polite.", "+.3f"), ("gold_concision", "concision", "+.3f"),
+           ("hard_abstain_rate", "abstain (hard)", ".2f"), ("hard_wrong_rate", "wrong (hard)", ".2f"),
+           ("response_len_mean", "length", ".1f"), ("models_in_memory", "models", "d"),
+           ("peak_memory_mb", "peak MB", ".0f"), ("wall_seconds", "wall s", ".0f")]
+
+
 def markdown_table(report):
-    cols = [("gold_reward_mean", "gold reward", "+.3f"), ("gold_reward_sem", "± sem", ".3f"),
-            ("rm_reward_mean", "RM reward", "+.3f"), ("kl_to_sft", "KL to SFT", ".2f"),
-            ("hard_abstain_rate", "abstain (hard)", ".2f"), ("hard_wrong_rate", "wrong (hard)", ".2f"),
-            ("response_len_mean", "length", ".1f"), ("models_in_memory", "models", "d"),
-            ("peak_memory_mb", "peak MB", ".0f"), ("wall_seconds", "wall s", ".0f")]
-    lines = ["| method | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    """The results table, the per-kind correct rates, and the reward model's accuracy."""
+    lines = ["| method | " + " | ".join(c[1] for c in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for m in METHODS:
         r = report[m]
-        cells = [format(r[k], f) if isinstance(r.get(k), (int, float)) else "-" for k, _, f in cols]
+        cells = [format(r[k], f) if isinstance(r.get(k), (int, float)) else "-" for k, _, f in COLUMNS]
         if r.get("models_needed") not in (None, r.get("models_in_memory")):  # RRHF holds an SFT copy to report KL
-            cells[[c[0] for c in cols].index("models_in_memory")] += f" ({r['models_needed']} needed)"
+            cells[[c[0] for c in COLUMNS].index("models_in_memory")] += f" ({r['models_needed']} needed)"
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines.append("\ngold criteria columns: each criterion's weighted share of the gold reward (they sum to it).")
+    if report["best_of_n"].get("kl_to_sft_bound") is not None:
+        lines.append("best-of-n's KL is the analytic log n - (n - 1)/n, an upper bound when samples repeat.")
+    kinds = list(report[METHODS[0]].get("correct_rate_by_kind", {}))
+    if kinds:
+        lines += ["", "correct rate by kind (temperature 1, the same samples as the gold reward; hard: the right "
+                  "product)", "", "| method | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 1) + "|"]
+        for m in METHODS:
+            rates = report[m].get("correct_rate_by_kind", {})
+            lines.append(f"| {m} | " + " | ".join(f"{rates[k]:.2f}" if k in rates else "-" for k in kinds) + " |")
+        greedy = report[METHODS[0]].get("greedy_correct_rate_by_kind")
+        if greedy:
+            lines.append("| sft, greedy | " + " | ".join(f"{greedy.get(k, float('nan')):.2f}" for k in kinds) + " |")
     rm = report["rm"]
     lines.append(f"\nreward model: held-out accuracy vs gold order {rm['accuracy_vs_gold']:.3f}, "
                  f"vs the noisy labels {rm['accuracy_vs_labels']:.3f}")
+    by_kind = rm.get("accuracy_correctness_by_kind")
+    if by_kind:
+        lines.append("reward model, held-out pairs that differ only in correctness, accuracy by kind: "
+                     + ", ".join(f"{k} {v:.2f}" for k, v in by_kind.items()))
     return "\n".join(lines)
 
 
 def main():
-    ap = argparse.ArgumentParser(description="SFT -> reward model -> PPO and RRHF -> report, on the built-in task.")
+    ap = argparse.ArgumentParser(description="SFT -> reward model -> every method -> one report, on the built-in task.",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--out", default="out", help="output folder (stages write out/sft, out/rm, ...)")
     ap.add_argument("--fast", action="store_true", help="a few steps per stage: checks the plumbing")
-    ap.add_argument("--best-of-n", type=int, default=4, help="n for the best-of-n baseline")
-    ap.add_argument("--seed", type=int, default=1337)
-    for stage in ("sft", "rm", "ppo", "rrhf", "eval"):
-        ap.add_argument(f"--{stage}", default="", help=f"extra flags for the {stage} stage, quoted")
+    ap.add_argument("--seed", type=int, default=1337, help="every stage's --seed")
+    ap.add_argument("--resume", action="store_true", help="skip the stages a stopped pipeline finished and "
+                    "continue the one it stopped in (same flags)")
+    for stage in STAGES:
+        ap.add_argument(f"--{stage.name.replace('_', '-')}", default="", help=f"extra flags for {stage.name}, quoted")
+    ap.add_argument("--eval", default="", help="extra flags for the final evaluation, quoted")
     args = ap.parse_args()
     out = args.out
     log_dir = os.path.join(out, "logs")
     os.makedirs(log_dir, exist_ok=True)
-    py = sys.executable
-    flags = lambda stage: (FAST[stage].split() if args.fast else []) + shlex.split(getattr(args, stage))
-    seed = ["--seed", str(args.seed)]
     p = lambda *parts: os.path.join(out, *parts)
+    eval_flags = (EVAL_FAST.split() if args.fast else []) + shlex.split(args.eval)
 
     t_total = time.time()
-    wall = {}
-    wall["sft"] = run("sft", [py, "train_sft.py", "--out", p("sft"), *seed, *flags("sft")], log_dir)
-    wall["rm"] = run("rm", [py, "train_rm.py", "--init", p("sft"), "--out", p("rm"), *seed, *flags("rm")], log_dir)
-    wall["ppo"] = run("ppo", [py, "train_ppo.py", "--init", p("sft"), "--reward-model", p("rm"), "--out", p("ppo"),
-                              *seed, *flags("ppo")], log_dir)
-    wall["rrhf"] = run("rrhf", [py, "train_rrhf.py", "--init", p("sft"), "--reward-model", p("rm"), "--out", p("rrhf"),
-                                *seed, *flags("rrhf")], log_dir)
-    # best-of-n and the final evaluation: one process each, the same held-out prompts and sampling seed
-    eval_common = ["--reward-model", p("rm"), "--ref", p("sft"), *flags("eval")]
-    wall["best_of_n"] = run("best_of_n", [py, "-m", "minirlhf.evaluate", p("sft"), "--best-of-n", str(args.best_of_n),
-                                          "--json", p("best_of_n.json"), *eval_common], log_dir)
-    run("evaluate", [py, "-m", "minirlhf.evaluate", p("sft"), p("ppo"), p("rrhf"), "--json", p("eval.json"),
-                     "--samples-json", p("samples.json"), *eval_common], log_dir)
+    walls_path = p("logs", "wall_seconds.json")  # each finished stage's wall time, kept for --resume
+    wall = json.load(open(walls_path)) if args.resume and os.path.exists(walls_path) else {}
+    for stage in STAGES:
+        script = stage.script.endswith(".py")
+        result = p(stage.name, "ckpt.pt") if script else p(f"{stage.name}.json")
+        if args.resume and stage.name in wall and os.path.exists(result):
+            print(f"\n=== {stage.name}: finished in an earlier run ({result}), skipped", flush=True)
+            continue
+        cmd = [sys.executable, *stage.script.split(), *shlex.split(stage.inputs.format(out=out))]
+        if script:
+            cmd += ["--out", p(stage.name), "--seed", str(args.seed)]
+            # continue the stage a stopped pipeline left unfinished; replace what an earlier pipeline wrote
+            resumable = args.resume and os.path.exists(p(stage.name, "resume.pt"))
+            cmd.append("--resume" if resumable else "--overwrite")
+        cmd += (stage.fast.split() if args.fast else []) + shlex.split(getattr(args, stage.name))
+        wall[stage.name] = run(stage.name, cmd, log_dir)
+        with open(walls_path, "w") as f:
+            json.dump(wall, f)
+    # one evaluation of every trained method: the same held-out prompts and sampling seed for all
+    trained = [m for m in METHODS if m != "best_of_n"]
+    run("evaluate", [sys.executable, "-m", "minirlhf.evaluate", *[p(m) for m in trained], "--json", p("eval.json"),
+                     "--samples-json", p("samples.json"), "--reward-model", p("rm"), "--ref", p("sft"), "--greedy",
+                     *eval_flags], log_dir)
 
     # ---- the report -------------------------------------------------------------------------------
     from minirlhf.checkpoint import load_checkpoint
     evals = json.load(open(p("eval.json")))
-    bon = json.load(open(p("best_of_n.json")))
     report = {}
-    for m in ("sft", "ppo", "rrhf"):
+    for m in trained:
         extra = load_checkpoint(p(m))["extra"]
         report[m] = dict(evals[p(m)], wall_seconds=wall[m], peak_memory_mb=extra.get("peak_memory_mb"),
                          models_in_memory=extra.get("models_in_memory"), train_seconds=extra.get("train_seconds"))
         if "models_needed" in extra:
             report[m]["models_needed"] = extra["models_needed"]
-    report["best_of_n"] = dict(bon[p("sft")], wall_seconds=wall["best_of_n"])
+    report["best_of_n"] = dict(json.load(open(p("best_of_n.json")))[p("sft")], wall_seconds=wall["best_of_n"])
     rm_extra = load_checkpoint(p("rm"))["extra"]
     report["rm"] = {k: rm_extra.get(k) for k in ("accuracy_vs_gold", "accuracy_vs_labels", "reward_mean", "reward_std",
-                                                 "peak_memory_mb", "train_seconds")}
+                                                 "accuracy_correctness_by_kind", "peak_memory_mb", "train_seconds")}
     report["rm"]["wall_seconds"] = wall["rm"]
     report["total_wall_seconds"] = time.time() - t_total
     with open(p("report.json"), "w") as f:
@@ -154,9 +221,8 @@ def main():
     samples = json.load(open(p("samples.json")))
     bon_samples = json.load(open(p("best_of_n.samples.json"))) if os.path.exists(p("best_of_n.samples.json")) else {}
     table = markdown_table(report)
-    lines = ["# minirlhf report", "", table, "", plot_curves(out, ("sft", "rm", "ppo", "rrhf")), "", "## Sample answers", ""]
-    names = {p("sft"): "sft", p("ppo"): "ppo", p("rrhf"): "rrhf"}
-    by_method = {names[k]: v for k, v in samples.items()}
+    lines = ["# minirlhf report", "", table, "", plot_curves(out), "", "## Sample answers", ""]
+    by_method = {m: samples[p(m)] for m in trained}
     by_method["best_of_n"] = next(iter(bon_samples.values()), [])
     for i in range(min(6, len(by_method["sft"]))):
         lines.append(f"**{by_method['sft'][i][0]}**")

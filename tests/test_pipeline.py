@@ -11,6 +11,7 @@ import sys
 
 import torch
 
+from conftest import run_script
 from minirlhf import task
 from minirlhf.evaluate import evaluate
 from minirlhf.model import GPT, GPTConfig
@@ -22,21 +23,25 @@ METHOD_FIELDS = ("gold_reward_mean", "gold_reward_sem", "rm_reward_mean", "kl_to
 
 
 def test_fast_pipeline_writes_full_report(tmp_path):
+    from pipeline import METHODS
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "pipeline.py"), "--fast", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = run_script("pipeline.py", "--fast", "--out", out, timeout=900)
     report = json.load(open(out / "report.json"))
-    for method in ("sft", "best_of_n", "ppo", "rrhf"):
+    assert set(METHODS) == {"sft", "best_of_n", "ppo", "rrhf", "dpo", "grpo", "grpo_verifier"}
+    for method in METHODS:
         for field in METHOD_FIELDS:
             assert isinstance(report[method].get(field), (int, float)), (method, field)
+        assert set(report[method]["correct_rate_by_kind"]) <= set(task.KINDS)
+    assert set(report["sft"]["greedy_correct_rate_by_kind"]) <= set(task.KINDS)
     assert report["ppo"]["models_in_memory"] == 4 and report["best_of_n"]["models_in_memory"] == 2
+    assert report["grpo"]["models_in_memory"] == 3 and report["grpo_verifier"]["models_in_memory"] == 2
+    assert report["dpo"]["models_in_memory"] == 2
     for field in ("accuracy_vs_gold", "accuracy_vs_labels"):
         assert 0.0 <= report["rm"][field] <= 1.0
     table = (out / "report.md").read_text()
-    assert "| ppo |" in table and "| best_of_n |" in table and "## Sample answers" in table
-    assert "| ppo |" in proc.stdout  # the table is printed too
+    assert all(f"| {m} |" in table for m in METHODS) and "## Sample answers" in table
+    assert "correct rate by kind" in table
+    assert "| grpo_verifier |" in proc.stdout  # the table is printed too
 
 
 def test_evaluation_is_deterministic_under_a_seed():
