@@ -23,7 +23,8 @@ from minirlhf.tokenizer import load_tokenizer
 def answer(models, prompt, args, generator):
     for path, (model, enc) in models.items():
         for text, _ in sample_responses(model, enc, [prompt] * args.samples, args.max_new_tokens,
-                                        temperature=args.temperature, greedy=args.greedy, generator=generator):
+                                        temperature=args.temperature, greedy=args.greedy,
+                                        generator=generator):
             gold = f"  (gold {task.judge(prompt, text):+.2f})" if task.prompt_kind(prompt) else ""
             print(f"{path}: {text}{gold}", flush=True)
 
@@ -44,7 +45,8 @@ def main(argv=None):
     for path in paths:
         model, ck = load_model(path)
         if ck["kind"] != "lm":
-            raise SystemExit(f"{path}: a {ck['kind']} checkpoint cannot answer; pass a policy (out/sft, out/ppo, ...)")
+            raise SystemExit(f"{path}: a {ck['kind']} checkpoint cannot answer; pass a policy "
+                             "(out/sft, out/ppo, ...)")
         models[path] = (model, load_tokenizer(ck))
     generator = torch.Generator().manual_seed(args.seed)
     if prompt is not None:

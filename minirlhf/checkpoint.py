@@ -41,7 +41,8 @@ from minirlhf.tokenizer import checkpoint_fields
 
 CKPT_NAME = "ckpt.pt"
 RESUME_NAME = "resume.pt"
-KINDS = {"lm": "a language model (train_sft.py, train_ppo.py, train_rrhf.py)", "scalar": "a reward model (train_rm.py)"}
+KINDS = {"lm": "a language model (train_sft.py, train_ppo.py, train_rrhf.py)",
+         "scalar": "a reward model (train_rm.py)"}
 
 
 class CheckpointError(Exception):
@@ -83,8 +84,8 @@ def save_checkpoint(out_dir: str, model, tokenizer: str, args: dict, step: int, 
     kind = "scalar" if isinstance(model, ScalarHead) else "lm"
     config = model.config
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    obj = dict(kind=kind, config=asdict(config), **checkpoint_fields(tokenizer), args=dict(args), step=int(step),
-               model=state, extra=extra or {})
+    obj = dict(kind=kind, config=asdict(config), **checkpoint_fields(tokenizer), args=dict(args),
+               step=int(step), model=state, extra=extra or {})
     path = os.path.join(out_dir, name)
     atomic_save(obj, path)
     return path
@@ -99,10 +100,11 @@ def safe_load(path: str):
     except pickle.UnpicklingError as e:
         # weights_only refuses any object that is not plain data: a crafted pickle stops here
         raise CheckpointError(f"{path}: refused to load: the file holds objects other than tensors and plain "
-                              f"data, which could run code when unpickled ({str(e).splitlines()[0]})") from None
+                              "data, which could run code when unpickled "
+                              f"({str(e).splitlines()[0]})") from None
     except Exception as e:
-        raise CheckpointError(f"{path}: cannot read the checkpoint, it is truncated or corrupt ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        raise CheckpointError(f"{path}: cannot read the checkpoint, it is truncated or corrupt "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
 def load_checkpoint(path: str) -> dict:
@@ -127,12 +129,13 @@ def load_model(path: str, device="cpu", kind: str | None = None):
     `kind` ("lm" or "scalar"), when given, is the kind the caller needs: another one is refused."""
     ckpt = load_checkpoint(path)
     if kind is not None and ckpt["kind"] != kind:
-        raise CheckpointError(f"{ckpt_path(path)}: {KINDS.get(ckpt['kind'], repr(ckpt['kind']))}, where {KINDS[kind]} "
-                              "is needed")
+        raise CheckpointError(f"{ckpt_path(path)}: {KINDS.get(ckpt['kind'], repr(ckpt['kind']))}, "
+                              f"where {KINDS[kind]} is needed")
     try:
         model = build_model(ckpt)
     except (RuntimeError, TypeError) as e:
-        raise CheckpointError(f"{ckpt_path(path)}: weights do not match the stored config ({str(e).splitlines()[0]})") from None
+        raise CheckpointError(f"{ckpt_path(path)}: weights do not match the stored config "
+                              f"({str(e).splitlines()[0]})") from None
     return model.to(device).eval(), ckpt
 
 
@@ -184,15 +187,16 @@ def resume_or_start(args, model, state: dict) -> tuple[int, dict]:
     path = os.path.join(args.out, RESUME_NAME)
     take_lock(args.out)
     if not args.resume and not getattr(args, "overwrite", False) and os.path.exists(ckpt_path(args.out)):
-        raise CheckpointError(f"{ckpt_path(args.out)}: a finished run is saved here; pass --overwrite to replace it, "
-                              "or choose another --out")
+        raise CheckpointError(f"{ckpt_path(args.out)}: a finished run is saved here; pass --overwrite to "
+                              "replace it, or choose another --out")
     if not args.resume:
         if os.path.exists(path):
-            raise CheckpointError(f"{path}: an unfinished run is saved here; pass --resume to continue it, or delete "
-                                  "the file (or choose another --out) to start a new one")
+            raise CheckpointError(f"{path}: an unfinished run is saved here; pass --resume to continue it, "
+                                  "or delete the file (or choose another --out) to start a new one")
         return 0, {}
     if not os.path.exists(path):
-        raise CheckpointError(f"{path}: no such file, nothing to resume (a finished run deletes it; --out {args.out}?)")
+        raise CheckpointError(f"{path}: no such file, nothing to resume "
+                              f"(a finished run deletes it; --out {args.out}?)")
     ckpt = load_checkpoint(path)
     now = asdict(args)
     changed = [k for k in now if k not in RESUMABLE_CHANGES and ckpt["args"].get(k) != now[k]]
@@ -237,14 +241,15 @@ def take_lock(out_dir: str):
             except (OSError, ValueError):
                 pid = 0
             if pid and pid != os.getpid() and _alive(pid):
-                raise CheckpointError(f"{path}: another run (pid {pid}) is writing to {out_dir}; wait for it, or "
-                                      "choose another --out") from None
+                raise CheckpointError(f"{path}: another run (pid {pid}) is writing to {out_dir}; "
+                                      "wait for it, or choose another --out") from None
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)  # stale: its process is gone
             continue
         with os.fdopen(fd, "w") as f:
             f.write(str(os.getpid()))
-        atexit.register(lambda: os.path.exists(path) and open(path).read() == str(os.getpid()) and os.remove(path))
+        atexit.register(lambda: os.path.exists(path) and open(path).read() == str(os.getpid())
+                        and os.remove(path))
         return
     raise CheckpointError(f"{path}: could not take the lock on {out_dir}")
 

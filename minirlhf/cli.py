@@ -61,10 +61,11 @@ def report_user_errors(kind, value, tb):
         resume = os.path.join(_OUT[0], RESUME_NAME) if _OUT else ""
         if resume and os.path.exists(resume):
             cmd = " ".join(sys.argv) + ("" if "--resume" in sys.argv else " --resume")
-            print(f"{script}: interrupted; {resume} holds the last resume point: continue with `python {cmd}`",
-                  file=sys.stderr)
+            print(f"{script}: interrupted; {resume} holds the last resume point: "
+                  f"continue with `python {cmd}`", file=sys.stderr)
         else:
-            print(f"{script}: interrupted before its first resume point; nothing to continue from", file=sys.stderr)
+            print(f"{script}: interrupted before its first resume point; nothing to continue from",
+                  file=sys.stderr)
         sys.exit(130)
     if issubclass(kind, USER_ERRORS):
         print(f"{script}: error: {value}", file=sys.stderr)
@@ -94,7 +95,8 @@ def check_device(device: str):
         return None
     if device == "cuda" or device.startswith("cuda:"):
         import torch
-        return None if torch.cuda.is_available() else "no CUDA device here (this torch build or machine has none)"
+        return (None if torch.cuda.is_available()
+                else "no CUDA device here (this torch build or machine has none)")
     return "expected cpu, cuda, cuda:N or auto"
 
 
@@ -136,7 +138,8 @@ def parse_args(cls, argv=None):
     if getattr(args, "dtype", "auto") == "bfloat16" and getattr(args, "device", "cuda") in ("cpu", "auto"):
         import torch
         if args.device == "cpu" or not torch.cuda.is_available():
-            raise UsageError("--dtype bfloat16: bf16 autocast runs on CUDA only here; the CPU trains in float32")
+            raise UsageError("--dtype bfloat16: bf16 autocast runs on CUDA only here; "
+                             "the CPU trains in float32")
     if getattr(args, "out", None):
         _OUT[:] = [args.out]
     return args
@@ -191,7 +194,8 @@ class Log:
         self.t0 = time.time()
 
     def __call__(self, step: int, print_line=True, **metrics):
-        metrics = {k: (v.item() if hasattr(v, "item") else v) for k, v in metrics.items()}  # int tensors stay ints
+        # int tensors stay ints
+        metrics = {k: (v.item() if hasattr(v, "item") else v) for k, v in metrics.items()}
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         if print_line:

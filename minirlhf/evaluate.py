@@ -152,8 +152,8 @@ def summary_line(metrics: dict) -> str:
     rates = metrics.get("correct_rate_by_kind", {})
     if rates:
         parts.append("correct " + " ".join(f"{k} {v:.2f}" for k, v in rates.items() if k != "hard"))
-    parts.append(f"hard: correct {metrics['hard_correct_rate']:.2f} abstain {metrics['hard_abstain_rate']:.2f} "
-                 f"wrong {metrics['hard_wrong_rate']:.2f}")
+    parts.append(f"hard: correct {metrics['hard_correct_rate']:.2f} "
+                 f"abstain {metrics['hard_abstain_rate']:.2f} wrong {metrics['hard_wrong_rate']:.2f}")
     return " | ".join(parts)
 
 
@@ -170,7 +170,8 @@ def evaluate(model, enc, prompts, max_new_tokens, rms=None, ref=None, samples_pe
         metrics["greedy_correct_rate_by_kind"] = correct_rate_by_kind(prompts, [t for t, _ in out])
     prompts = [p for p in prompts for _ in range(samples_per_prompt)]
     gen = torch.Generator(device=device).manual_seed(seed)
-    out = sample_responses(model, enc, prompts, max_new_tokens, batch_size, temperature, generator=gen, device=device)
+    out = sample_responses(model, enc, prompts, max_new_tokens, batch_size, temperature, generator=gen,
+                           device=device)
     texts, ids = [t for t, _ in out], [r for _, r in out]
     gm, gold = gold_metrics(prompts, texts, samples_per_prompt)
     metrics = {**gm, **metrics}
@@ -178,7 +179,8 @@ def evaluate(model, enc, prompts, max_new_tokens, rms=None, ref=None, samples_pe
     metrics["eos_rate"] = sum(bool(r) and r[-1] == eos_id(enc) for r in ids) / len(ids)
     max_prompt = model.config.block_size - max_new_tokens
     if rms:
-        metrics["rm_reward_mean"] = score(rms, enc, prompts, ids, max_prompt, batch_size, device).mean().item()
+        r = score(rms, enc, prompts, ids, max_prompt, batch_size, device)
+        metrics["rm_reward_mean"] = r.mean().item()
     if ref is not None:
         kl = sequence_kl(model, ref, enc, prompts, ids, max_prompt, batch_size, temperature, device)
         metrics["kl_to_sft"] = kl.mean().item()
@@ -198,11 +200,12 @@ def best_of_n(model, enc, prompts, max_new_tokens, rms, n, samples_per_prompt=1,
     model.eval()
     prompts = [p for p in prompts for _ in range(samples_per_prompt)]
     gen = torch.Generator(device=device).manual_seed(seed)
-    many = [p for p in prompts for _ in range(n)]                           # n candidates per prompt, adjacent
-    out = sample_responses(model, enc, many, max_new_tokens, batch_size, temperature, generator=gen, device=device)
+    many = [p for p in prompts for _ in range(n)]                          # n candidates per prompt, adjacent
+    out = sample_responses(model, enc, many, max_new_tokens, batch_size, temperature, generator=gen,
+                           device=device)
     max_prompt = model.config.block_size - max_new_tokens
     r = score(rms, enc, many, [ids for _, ids in out], max_prompt, batch_size, device).view(len(prompts), n)
-    best = r.argmax(1)                                                       # (N,)
+    best = r.argmax(1)                                                     # (N,)
     chosen = [out[i * n + int(j)] for i, j in enumerate(best)]
     texts, ids = [t for t, _ in chosen], [c for _, c in chosen]
     metrics, gold = gold_metrics(prompts, texts, samples_per_prompt)
@@ -224,14 +227,16 @@ def main(argv=None):
     ap.add_argument("checkpoints", nargs="+", help="policy checkpoint folders (out/sft, out/ppo, ...)")
     ap.add_argument("--prompts", default="", help="JSONL with a 'prompt' per record (your data), instead of "
                     "the built-in task's: reward-model score, KL, length and EOS rate, no gold metrics")
-    ap.add_argument("--reward-model", action="append", default=[], help="PATH[:WEIGHT] for rm_reward_mean (repeatable)")
+    ap.add_argument("--reward-model", action="append", default=[],
+                    help="PATH[:WEIGHT] for rm_reward_mean (repeatable)")
     ap.add_argument("--ref", default="", help="reference (SFT) checkpoint for kl_to_sft")
     ap.add_argument("--n-prompts", type=int, default=300)
     ap.add_argument("--samples-per-prompt", type=int, default=2)
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--best-of-n", type=int, default=0, help="evaluate best-of-n sampling with the reward model instead")
+    ap.add_argument("--best-of-n", type=int, default=0,
+                    help="evaluate best-of-n sampling with the reward model instead")
     ap.add_argument("--greedy", action="store_true", help="also the per-kind correct rate of greedy answers")
     ap.add_argument("--json", default="", help="also write the metrics here")
     ap.add_argument("--samples-json", default="", help="write the samples here (default: beside --json)")
@@ -256,10 +261,12 @@ def main(argv=None):
             metrics["peak_memory_mb"] = peak_memory_mb()
         else:
             metrics, samples = evaluate(model, enc, prompts, args.max_new_tokens, rms, ref,
-                                        args.samples_per_prompt, args.temperature, args.seed, greedy=args.greedy)
+                                        args.samples_per_prompt, args.temperature, args.seed,
+                                        greedy=args.greedy)
         results[path] = metrics
         all_samples[path] = samples[:: args.samples_per_prompt][:20]
-        print(f"{path}: " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, (int, float))))
+        print(f"{path}: " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                                       if isinstance(v, (int, float))))
         for k, v in metrics.items():
             if isinstance(v, dict):  # the per-kind rates
                 print(f"    {k}: " + " ".join(f"{kind} {rate:.2f}" for kind, rate in v.items()))
@@ -275,5 +282,6 @@ def main(argv=None):
 
 if __name__ == "__main__":
     from minirlhf.cli import report_user_errors
-    sys.excepthook = report_user_errors  # a bad checkpoint path: one line and exit status 2, as in the stage scripts
+    # a bad checkpoint path: one line and exit status 2, as in the stage scripts
+    sys.excepthook = report_user_errors
     main()

@@ -49,9 +49,9 @@ class StaticDecoder(nn.Module):
         shape = (batch_size, c.n_head, max_len, c.n_embd // c.n_head)   # (B, nh, max_len, hs) per layer
         self.k = [torch.zeros(shape, device=p.device, dtype=p.dtype) for _ in range(c.n_layer)]
         self.v = [torch.zeros(shape, device=p.device, dtype=p.dtype) for _ in range(c.n_layer)]
-        self.key_mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=p.device)  # 1: a key to attend
-        self.pos = torch.zeros(batch_size, dtype=torch.long, device=p.device)  # position id of the token fed next
-        self.write_pos = torch.zeros(1, dtype=torch.long, device=p.device)     # the cache column it is written to
+        self.key_mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=p.device)  # 1: attend
+        self.pos = torch.zeros(batch_size, dtype=torch.long, device=p.device)  # the next token's position id
+        self.write_pos = torch.zeros(1, dtype=torch.long, device=p.device)     # the cache column it goes to
         self.compiled = compile
         self.step = self.forward
         if compile:
@@ -63,7 +63,7 @@ class StaticDecoder(nn.Module):
 
     @torch.no_grad()
     def prefill(self, idx, attention_mask):
-        """Run the prompts (B, P) through the plain forward into the cache; logits (B, V) of the next token."""
+        """Run the prompts (B, P) through the plain forward into the cache; next-token logits (B, V)."""
         B, P = idx.shape
         cache = self.model.new_cache(B, P)
         logits = self.model(idx, attention_mask, cache)[:, -1]
@@ -107,7 +107,8 @@ class StaticDecoder(nn.Module):
 
 @torch.no_grad()
 def generate_static(decoder: StaticDecoder, idx, attention_mask, max_new_tokens: int, eos_id: int,
-                    temperature=1.0, top_k=None, top_p=None, greedy=False, generator=None, stop_check_every=None):
+                    temperature=1.0, top_k=None, top_p=None, greedy=False, generator=None,
+                    stop_check_every=None):
     """`generate` through a StaticDecoder: the same arguments, the same returns, the same tokens.
 
     The sampling loop is the plain one (same `sample_next`, same draws from `generator`) and the step

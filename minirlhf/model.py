@@ -165,13 +165,15 @@ class GPT(nn.Module):
         B, T = idx.shape
         past = cache.pos if cache is not None else 0
         if past + T > self.config.block_size:
-            raise ValueError(f"sequence of {past + T} tokens is longer than block_size {self.config.block_size}")
+            raise ValueError(f"sequence of {past + T} tokens is longer than "
+                             f"block_size {self.config.block_size}")
         if attention_mask is None:
             pos = torch.arange(past, past + T, device=idx.device)[None]      # (1, T)
             # without padding, causal attention needs a mask only when attending to a cache
             mask = None if cache is None else attention_bias(torch.ones(B, past + T, device=idx.device), T)
         else:
-            assert attention_mask.shape == (B, past + T), "attention_mask must cover the cache and the new tokens"
+            assert attention_mask.shape == (B, past + T), \
+                "attention_mask must cover the cache and the new tokens"
             # positions count real tokens only, so left padding does not shift them
             pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
             mask = attention_bias(attention_mask, T)
@@ -192,7 +194,8 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, cache_dir: str | None = None) -> "GPT":
-        """A GPT from a Hugging Face GPT-2 checkpoint: a local folder, or a hub name ("gpt2", "gpt2-medium", ...)."""
+        """A GPT from a Hugging Face GPT-2 checkpoint: a local folder, or a hub name
+        ("gpt2", "gpt2-medium", ...)."""
         folder = name_or_path if os.path.isdir(name_or_path) else download_gpt2(name_or_path, cache_dir)
         return load_hf_gpt2(folder)
 
@@ -251,7 +254,8 @@ def generate(model: GPT, idx, attention_mask, max_new_tokens: int, eos_id: int, 
     """
     B, P = idx.shape
     if P + max_new_tokens > model.config.block_size:
-        raise ValueError(f"prompt ({P}) + max_new_tokens ({max_new_tokens}) exceeds block_size {model.config.block_size}")
+        raise ValueError(f"prompt ({P}) + max_new_tokens ({max_new_tokens}) exceeds "
+                         f"block_size {model.config.block_size}")
     attention_mask = attention_mask.long()
     tokens = torch.full((B, max_new_tokens), eos_id, dtype=torch.long, device=idx.device)
     alive = torch.zeros((B, max_new_tokens), dtype=torch.long, device=idx.device)

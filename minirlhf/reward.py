@@ -39,7 +39,8 @@ def parse_spec(spec: str) -> tuple[str, float]:
     return spec, 1.0
 
 
-def load_reward_models(specs, device="cpu", tokenizer: str | None = None, block_size: int | None = None) -> list[RewardModel]:
+def load_reward_models(specs, device="cpu", tokenizer: str | None = None,
+                       block_size: int | None = None) -> list[RewardModel]:
     """Load and freeze the reward models of `specs`. Given the policy's `tokenizer` and `block_size`, refuse a
     reward model that reads other token ids (its scores would be of garbage) or a shorter context."""
     out = []
@@ -47,10 +48,11 @@ def load_reward_models(specs, device="cpu", tokenizer: str | None = None, block_
         path, weight = parse_spec(spec)
         model, ck = load_model(path, device, kind="scalar")
         if tokenizer is not None and ck["tokenizer"] != tokenizer:
-            raise CheckpointError(f"{ckpt_path(path)}: the reward model uses tokenizer {ck['tokenizer']!r}, the policy {tokenizer!r}")
+            raise CheckpointError(f"{ckpt_path(path)}: the reward model uses tokenizer {ck['tokenizer']!r}, "
+                                  f"the policy {tokenizer!r}")
         if block_size is not None and model.config.block_size < block_size:
-            raise CheckpointError(f"{ckpt_path(path)}: the reward model reads {model.config.block_size} tokens, shorter than "
-                                  f"the policy's context of {block_size}")
+            raise CheckpointError(f"{ckpt_path(path)}: the reward model reads {model.config.block_size} "
+                                  f"tokens, shorter than the policy's context of {block_size}")
         for p in model.parameters():
             p.requires_grad_(False)  # frozen: only ever scored
         out.append(RewardModel(model, weight, float(ck["extra"].get("reward_mean", 0.0)),

@@ -30,11 +30,13 @@ TINY_RM = ["--n-prompts", "8", "--eval-prompts", "4", "--max-steps", "2", "--bat
 def run_script(script, *flags, check=True, timeout=300, env=None):
     """Run `python script flags...` from the repository root -> CompletedProcess (text stdout/stderr)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
-    cmd = [sys.executable, *(["-m", script[3:]] if script.startswith("-m ") else [os.path.join(ROOT, script)])]
+    cmd = [sys.executable,
+           *(["-m", script[3:]] if script.startswith("-m ") else [os.path.join(ROOT, script)])]
     proc = subprocess.run([*cmd, *map(str, flags)], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
     if check:
-        assert proc.returncode == 0, f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        assert proc.returncode == 0, (f"{script} failed ({proc.returncode}):\n"
+                                      f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
 
 

@@ -67,7 +67,8 @@ def test_greedy_left_padded_batch():
     assert plain[0].size(1) == 6 + 40
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(temperature=0.7), dict(top_k=5), dict(top_p=0.8, temperature=1.3)])
+@pytest.mark.parametrize("kw", [dict(), dict(temperature=0.7), dict(top_k=5),
+                                dict(top_p=0.8, temperature=1.3)])
 def test_seeded_sampling(kw):
     plain, fast = both(tiny(3), PROMPTS, 40, eos_id=49, seed=11, **kw)
     assert_same(plain, fast)
@@ -87,7 +88,8 @@ def test_whole_batch_stops_early(stop_check_every):
     # vocabulary 8: every row samples EOS within a few dozen steps, so the batch ends well before 56
     # tokens; checking only every 8 steps must still cut the output back to the same length
     model = tiny(5, vocab_size=8)
-    plain, fast = both(model, [[1, 2, 3], [4], [5, 6]], 56, eos_id=7, seed=2, stop_check_every=stop_check_every)
+    plain, fast = both(model, [[1, 2, 3], [4], [5, 6]], 56, eos_id=7, seed=2,
+                       stop_check_every=stop_check_every)
     assert_same(plain, fast)
     n = plain[0].size(1) - 3
     assert 8 < n < 56 and n % 8 != 0                      # stopped early, between two checks

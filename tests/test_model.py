@@ -130,7 +130,8 @@ def test_seed_reproduces_sample_and_top_k_1_is_greedy():
 
 def test_top_p_keeps_smallest_covering_set():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    seen = {int(sample_next(logits, top_p=0.7, generator=torch.Generator().manual_seed(s))) for s in range(200)}
+    seen = {int(sample_next(logits, top_p=0.7, generator=torch.Generator().manual_seed(s)))
+            for s in range(200)}
     assert seen == {0, 1}  # 0.5 < 0.7 so the second token is needed; the third is not
     seen = {int(sample_next(logits, top_k=3, generator=torch.Generator().manual_seed(s))) for s in range(300)}
     assert seen == {0, 1, 2}
@@ -144,7 +145,8 @@ def test_eos_stops_one_row_while_others_go_on():
     def forced(i, m=None, c=None):
         logits = orig(i, m, c)
         hit = (i[:, -1] == 1)[:, None]  # after emitting token 1, the next token is EOS
-        logits[:, -1] = torch.where(hit, torch.nn.functional.one_hot(torch.tensor(eos), 50).float() * 1e4, logits[:, -1])
+        logits[:, -1] = torch.where(hit, torch.nn.functional.one_hot(torch.tensor(eos), 50).float() * 1e4,
+                                    logits[:, -1])
         return logits
 
     model.forward = forced

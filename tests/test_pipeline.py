@@ -54,16 +54,17 @@ def test_evaluation_is_deterministic_under_a_seed():
     _, sc = evaluate(model, enc, prompts, 12, seed=4)
     assert a == b and sa == sb
     assert a["kl_to_sft"] == 0.0  # a policy measured against itself
-    assert [s[1] for s in sa] != [s[1] for s in sc]  # another seed, other samples: the seed is what fixes them
+    assert [s[1] for s in sa] != [s[1] for s in sc]  # another seed, other samples: the seed fixes them
 
 
 def test_chat_answers_one_prompt(tmp_path):
     from minirlhf.checkpoint import save_checkpoint
     torch.manual_seed(0)
-    save_checkpoint(str(tmp_path), GPT(GPTConfig(block_size=64, n_layer=1, n_head=2, n_embd=32)), "bytes", {}, 0)
+    save_checkpoint(str(tmp_path), GPT(GPTConfig(block_size=64, n_layer=1, n_head=2, n_embd=32)),
+                    "bytes", {}, 0)
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "chat.py"), str(tmp_path), "What is 2 + 3?",
-                           "--max-new-tokens", "8", "--samples", "2"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+                           "--max-new-tokens", "8", "--samples", "2"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 2 and all(line.startswith(f"{tmp_path}: ") and "(gold " in line for line in lines)
@@ -71,7 +72,8 @@ def test_chat_answers_one_prompt(tmp_path):
 
 def test_standard_error_counts_prompts_not_samples():
     from minirlhf.evaluate import gold_metrics, mean_sem
-    prompts = ["What is 1 + 1?", "What is 1 + 1?", "What is 2 + 2?", "What is 2 + 2?", "What is 3 + 3?", "What is 3 + 3?"]
+    prompts = ["What is 1 + 1?", "What is 1 + 1?", "What is 2 + 2?", "What is 2 + 2?",
+               "What is 3 + 3?", "What is 3 + 3?"]
     texts = ["2", "2", "5", "5", "6", "1"]
     m, _ = gold_metrics(prompts, texts, samples_per_prompt=2)
     gold = [task.judge(p, t) for p, t in zip(prompts, texts)]

@@ -41,7 +41,8 @@ def test_score_does_not_depend_on_padding_or_batch():
     torch.manual_seed(0)
     rm = ScalarHead(GPT(GPTConfig(block_size=64, vocab_size=257, n_layer=2, n_head=2, n_embd=32))).eval()
     target = group(5, [3], seed=1)
-    neighbours = [group(17, [9, 2, 14], seed=2), group(2, [20], seed=3)]  # longer prompts and responses, K < 3
+    # longer prompts and responses, K < 3
+    neighbours = [group(17, [9, 2, 14], seed=2), group(2, [20], seed=3)]
 
     def scores(groups, K):
         ids, attn, resp, ranks, n_cut = rm_batch(groups, K, PAD, 64)
@@ -112,8 +113,9 @@ RM_TINY = ["--eval-prompts", "4", "--max-steps", "2", "--batch-size", "4", "--ma
 @pytest.fixture(scope="module")
 def sft(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("chain") / "sft")
-    run("train_sft.py", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "96", "--max-steps", "3",
-        "--n-demos", "64", "--eval-prompts", "8", "--max-new-tokens", "8", "--batch-size", "8", "--out", path)
+    run("train_sft.py", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "96",
+        "--max-steps", "3", "--n-demos", "64", "--eval-prompts", "8", "--max-new-tokens", "8",
+        "--batch-size", "8", "--out", path)
     return path
 
 
@@ -123,7 +125,8 @@ def check_reward_model(path, gold):
     model, ck = load_model(path)
     assert ck["kind"] == "scalar" and isinstance(model, ScalarHead)
     extra = ck["extra"]
-    assert {"reward_mean", "reward_std", "accuracy_vs_labels", "accuracy_vs_gold", "train_seconds"} <= set(extra)
+    assert {"reward_mean", "reward_std", "accuracy_vs_labels", "accuracy_vs_gold",
+            "train_seconds"} <= set(extra)
     assert extra["reward_std"] > 0 and (extra["accuracy_vs_gold"] is not None) == gold
     [rm] = load_reward_models([path])
     assert (rm.mean, rm.std) == (extra["reward_mean"], extra["reward_std"])

@@ -43,8 +43,8 @@ CFG = dict(vocab_size=257, n_layer=1, n_head=2, n_embd=32)
 # Tiny runs of each stage: a few steps of 1-layer, 32-wide models, a context of 64 tokens.
 SFT_TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "64", "--n-demos", "64",
             "--eval-prompts", "4", "--max-new-tokens", "8", "--batch-size", "4", "--eval-interval", "2"]
-RM_TINY = ["--n-prompts", "8", "--eval-prompts", "4", "--k", "2", "--batch-size", "3", "--max-new-tokens", "8",
-           "--max-steps", "6", "--eval-interval", "3"]
+RM_TINY = ["--n-prompts", "8", "--eval-prompts", "4", "--k", "2", "--batch-size", "3",
+           "--max-new-tokens", "8", "--max-steps", "6", "--eval-interval", "3"]
 PPO_TINY = ["--batch-size", "4", "--minibatch-size", "2", "--ppo-epochs", "1", "--max-new-tokens", "8",
             "--eval-prompts", "4", "--max-steps", "4", "--eval-interval", "2"]
 RRHF_TINY = ["--rounds", "2", "--max-steps", "4", "--batch-size", "2", "--k", "2", "--n-prompts", "4",
@@ -133,46 +133,54 @@ GOOD = {"prompt": "What is 1 + 2?", "response": "3"}
     ({"prompt": "  ", "response": "4"}, [":2:", "field 'prompt'", "empty"]),
     ({"prompt": "What is 2 + 2?", "response": ""}, [":2:", "field 'response'", "empty"]),
     (b'{"prompt": "What is 2 + 2?", "response": "\xff4"}', [":2:", "not valid UTF-8"]),
-], ids=["not-json", "missing-field", "misspelled-field", "wrong-type", "empty-prompt", "empty-response", "not-utf8"])
+], ids=["not-json", "missing-field", "misspelled-field", "wrong-type", "empty-prompt", "empty-response",
+        "not-utf8"])
 def test_bad_sft_record(tmp_path, line, fragments):
     data = write_lines(tmp_path / "data.jsonl", [GOOD, line])
-    assert_user_error(run_here("train_sft.py", *SFT_TINY, "--data", data, "--out", tmp_path / "out"), data, *fragments)
+    assert_user_error(run_here("train_sft.py", *SFT_TINY, "--data", data, "--out", tmp_path / "out"),
+                      data, *fragments)
 
 
 def test_empty_file(tmp_path):
     data = write_lines(tmp_path / "empty.jsonl", ["", "   "])
-    assert_user_error(run_here("train_sft.py", *SFT_TINY, "--data", data, "--out", tmp_path / "out"), data, "empty file")
+    assert_user_error(run_here("train_sft.py", *SFT_TINY, "--data", data, "--out", tmp_path / "out"),
+                      data, "empty file")
 
 
 def test_missing_data_file(tmp_path):
-    assert_user_error(run_here("train_sft.py", *SFT_TINY, "--data", tmp_path / "nope.jsonl", "--out", tmp_path / "out"),
-                      "nope.jsonl: no such file")
+    assert_user_error(run_here("train_sft.py", *SFT_TINY, "--data", tmp_path / "nope.jsonl",
+                               "--out", tmp_path / "out"), "nope.jsonl: no such file")
 
 
 def test_kway_ranks_do_not_match_responses(tmp_path, ckpts):
-    data = write_lines(tmp_path / "kway.jsonl", [{"prompt": "p", "responses": ["a", "b", "c"], "ranks": [0, 1, 2]},
-                                                 {"prompt": "q", "responses": ["a", "b", "c"], "ranks": [0, 1]}])
-    assert_user_error(run_here("train_rm.py", *RM_TINY, "--init", ckpts["sft"], "--data", data, "--out", tmp_path / "rm"),
+    data = write_lines(tmp_path / "kway.jsonl",
+                       [{"prompt": "p", "responses": ["a", "b", "c"], "ranks": [0, 1, 2]},
+                        {"prompt": "q", "responses": ["a", "b", "c"], "ranks": [0, 1]}])
+    assert_user_error(run_here("train_rm.py", *RM_TINY, "--init", ckpts["sft"], "--data", data,
+                               "--out", tmp_path / "rm"),
                       data + ":2:", "field 'ranks'", "2 items for 3 responses")
 
 
 def test_pairwise_chosen_identical_to_rejected(tmp_path, ckpts):
     data = write_lines(tmp_path / "pairs.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"},
                                                   {"prompt": "p", "chosen": "same", "rejected": "same"}])
-    assert_user_error(run_here("train_rm.py", *RM_TINY, "--init", ckpts["sft"], "--data", data, "--out", tmp_path / "rm"),
+    assert_user_error(run_here("train_rm.py", *RM_TINY, "--init", ckpts["sft"], "--data", data,
+                               "--out", tmp_path / "rm"),
                       data + ":2:", "field 'rejected'", "identical")
 
 
 @pytest.mark.parametrize("script, expected", [
-    ("train_sft.py", r"; [23] longer than the context \(64\) lose the start of their prompt"),  # of 5 training rows
+    ("train_sft.py", r"; [23] longer than the context \(64\) lose the start of their prompt"),  # of 5 rows
     ("train_rm.py", r"note: \d+ training rows were truncated to fit block_size 64"),
-    ("train_ppo.py", r"prompts: 3 of 6 are longer than the 56 tokens the context leaves them, and lose their start"),
+    ("train_ppo.py", r"prompts: 3 of 6 are longer than the 56 tokens the context leaves them, "
+                     r"and lose their start"),
     ("train_rrhf.py", r"; 3 longer than the 56 tokens the context leaves them lose their start"),
 ])
 def test_prompt_longer_than_the_context_is_cut_and_counted(tmp_path, ckpts, script, expected):
     long = "Please " * 40 + "what is 1 + 2?"  # ~300 bytes, the context is 64
-    data = write_lines(tmp_path / "long.jsonl", [{"prompt": long, "chosen": "3", "rejected": "4"},
-                                                 {"prompt": "What is 1 + 2?", "chosen": "3", "rejected": "4"}] * 3)
+    data = write_lines(tmp_path / "long.jsonl",
+                       [{"prompt": long, "chosen": "3", "rejected": "4"},
+                        {"prompt": "What is 1 + 2?", "chosen": "3", "rejected": "4"}] * 3)
     flags = {"train_sft.py": SFT_TINY, "train_rm.py": ["--init", ckpts["sft"], *RM_TINY],
              "train_ppo.py": ["--init", ckpts["sft"], "--reward-model", ckpts["rm"], *PPO_TINY],
              "train_rrhf.py": ["--init", ckpts["sft"], "--reward-model", ckpts["rm"], *RRHF_TINY]}[script]
@@ -193,14 +201,15 @@ def test_init_with_another_tokenizer(tmp_path, ckpts):
 
 @pytest.mark.parametrize("script", ["train_sft.py", "train_rm.py", "train_ppo.py", "train_rrhf.py"])
 def test_init_of_the_wrong_kind(tmp_path, ckpts, script):
-    flags = SFT_TINY if script == "train_sft.py" else [] if script == "train_rm.py" else ["--reward-model", ckpts["rm"]]
+    flags = (SFT_TINY if script == "train_sft.py" else [] if script == "train_rm.py"
+             else ["--reward-model", ckpts["rm"]])
     assert_user_error(run_here(script, *flags, "--init", ckpts["rm"], "--out", tmp_path / "out"),
                       os.path.join(ckpts["rm"], "ckpt.pt"), "a reward model", "where a language model")
 
 
 def test_init_that_does_not_exist(tmp_path):
-    assert_user_error(run_here("train_sft.py", *SFT_TINY, "--init", tmp_path / "nope", "--out", tmp_path / "out"),
-                      "--init", "no such checkpoint or folder")
+    assert_user_error(run_here("train_sft.py", *SFT_TINY, "--init", tmp_path / "nope",
+                               "--out", tmp_path / "out"), "--init", "no such checkpoint or folder")
 
 
 @pytest.mark.parametrize("script", ["train_ppo.py", "train_rrhf.py"])
@@ -215,7 +224,8 @@ def test_reward_model_that_does_not_fit_the_policy(tmp_path, ckpts, script, rm, 
 
 
 @pytest.mark.parametrize("script, flags, fragments", [
-    ("train_ppo.py", ["--batch-size", "6", "--minibatch-size", "4"], ["--batch-size 6 is not a multiple of --minibatch-size 4"]),
+    ("train_ppo.py", ["--batch-size", "6", "--minibatch-size", "4"],
+     ["--batch-size 6 is not a multiple of --minibatch-size 4"]),
     ("train_ppo.py", ["--max-new-tokens", "64"], ["--max-new-tokens 64", "context of 64 tokens"]),
     ("train_rm.py", ["--max-new-tokens", "80"], ["--max-new-tokens 80", "context of 64 tokens"]),
     ("train_sft.py", ["--block-size", "8"], ["--max-new-tokens 8", "context of 8 tokens"]),
@@ -229,8 +239,9 @@ def test_arguments_that_cannot_work_together(tmp_path, ckpts, script, flags, fra
 def test_exit_status_end_to_end(tmp_path):
     """The interpreter, not just this test's stand-in, turns a user error into exit status 2 and one line."""
     data = write_lines(tmp_path / "data.jsonl", [GOOD, {"prompt": "What is 2 + 2?", "respnse": "4"}])
-    p = subprocess.run([sys.executable, "train_sft.py", *SFT_TINY, "--data", data, "--out", str(tmp_path / "out")],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    p = subprocess.run([sys.executable, "train_sft.py", *SFT_TINY, "--data", data,
+                        "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
     assert p.stderr.strip().splitlines()[-1] == (f"train_sft.py: error: {data}:2: field 'response': missing "
                                                  "(found 'respnse': a misspelling?)")
@@ -270,7 +281,8 @@ runpy.run_path(script, run_name="__main__")
 
 
 def run(script, *flags, kill=None):
-    """Run a script in a subprocess -> CompletedProcess; kill=("after" | "during", N) kills it at its N-th resume.pt."""
+    """Run a script in a subprocess -> CompletedProcess; kill=("after" | "during", N) kills it at
+    its N-th resume.pt."""
     cmd = [sys.executable, script, *map(str, flags)]
     if kill:
         cmd = [sys.executable, "-c", KILLER, kill[0], str(kill[1]), script, *map(str, flags)]
@@ -301,7 +313,8 @@ def assert_same_run(a, b):
 
 
 def kill_and_resume(script, flags, tmp_path, kill, full=None):
-    """The uninterrupted run (or `full`, one already made), the killed one, its resumption; -> the resume.pt it used."""
+    """The uninterrupted run (or `full`, one already made), the killed one, its resumption;
+    -> the resume.pt it used."""
     cut = tmp_path / "cut"
     if full is None:
         full = tmp_path / "full"
@@ -315,7 +328,8 @@ def kill_and_resume(script, flags, tmp_path, kill, full=None):
 
 @pytest.fixture(scope="module")
 def sft_full(tmp_path_factory):
-    """An uninterrupted 6-step SFT run; --ckpt-interval does not change what a run computes, so it serves both tests."""
+    """An uninterrupted 6-step SFT run; --ckpt-interval does not change what a run computes, so it
+    serves both tests."""
     out = tmp_path_factory.mktemp("sft") / "full"
     run("train_sft.py", *SFT_TINY, "--max-steps", "6", "--out", out)
     return out
@@ -328,7 +342,7 @@ def test_sft_kill_and_resume(tmp_path, sft_full):
 
 
 def test_sft_killed_while_saving(tmp_path, sft_full):
-    """Killed halfway through writing the step-4 checkpoint: the step-2 one stays whole and resumes exactly."""
+    """Killed halfway through writing the step-4 checkpoint: the step-2 one stays whole, resumes exactly."""
     flags = [*SFT_TINY, "--max-steps", "6", "--ckpt-interval", "2"]
     ckpt = kill_and_resume("train_sft.py", flags, tmp_path, kill=("during", 2), full=sft_full)
     assert ckpt["step"] == 2
@@ -342,29 +356,35 @@ RESUME_CASES = {
     "train_rm.py": (lambda c: [*RM_TINY, "--init", c["sft"]], 3,
                     lambda ck: ck["step"] == 3 and len(ck["extra"]["order"]) == 8 + 8 - 3 * 3),
     # a short KL horizon, so the KL coefficient moves and must be restored
-    "train_ppo.py": (lambda c: [*PPO_TINY, "--init", c["sft"], "--reward-model", c["rm"], "--kl-horizon", "10"], 2,
+    "train_ppo.py": (lambda c: [*PPO_TINY, "--init", c["sft"], "--reward-model", c["rm"],
+                                "--kl-horizon", "10"], 2,
                      lambda ck: ck["step"] == 2 and ck["extra"]["kl_coef"] != 0.05
-                     and {"critic", "policy_opt", "critic_opt", "generator", "data_rng"} <= set(ck["extra"]["resume"])),
+                     and {"critic", "policy_opt", "critic_opt", "generator",
+                          "data_rng"} <= set(ck["extra"]["resume"])),
     # killed in the second round, whose candidates were sampled from the trained policy: they must come back
     "train_rrhf.py": (lambda c: [*RRHF_TINY, "--init", c["sft"], "--reward-model", c["rm"]], 3,
-                      lambda ck: ck["step"] == 3 and ck["extra"]["round"] == 1 and len(ck["extra"]["response_ids"]) == 8),
+                      lambda ck: ck["step"] == 3 and ck["extra"]["round"] == 1
+                      and len(ck["extra"]["response_ids"]) == 8),
 }
 
 
 @pytest.mark.parametrize("script", list(RESUME_CASES))
 def test_kill_and_resume(tmp_path, ckpts, script):
     flags, interval, check = RESUME_CASES[script]
-    ckpt = kill_and_resume(script, [*flags(ckpts), "--ckpt-interval", str(interval)], tmp_path, kill=("after", 1))
+    ckpt = kill_and_resume(script, [*flags(ckpts), "--ckpt-interval", str(interval)], tmp_path,
+                           kill=("after", 1))
     assert check(ckpt), {k: ckpt["extra"].get(k) for k in ("round", "kl_coef")}
 
 
 def test_resume_refuses_other_arguments_and_fresh_runs_over_it(tmp_path):
-    flags = [*SFT_TINY, "--max-steps", "4", "--ckpt-interval", "2", "--lr", "0.002", "--out", tmp_path / "sft"]
+    flags = [*SFT_TINY, "--max-steps", "4", "--ckpt-interval", "2", "--lr", "0.002",
+             "--out", tmp_path / "sft"]
     run("train_sft.py", *flags, kill=("after", 1))
     assert_user_error(run_here("train_sft.py", *flags, "--lr", "0.01", "--resume"),
                       "cannot resume with other arguments", "--lr was 0.002, now 0.01")
     assert_user_error(run_here("train_sft.py", *flags), "an unfinished run is saved here; pass --resume")
-    assert_user_error(run_here("train_sft.py", *flags[:-1], tmp_path / "elsewhere", "--resume"), "nothing to resume")
+    assert_user_error(run_here("train_sft.py", *flags[:-1], tmp_path / "elsewhere", "--resume"),
+                      "nothing to resume")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -394,8 +414,8 @@ def test_crafted_checkpoint_is_refused(tmp_path, ckpts):
     Evil.marker = str(tmp_path / "pwned")
     torch.save({"kind": "lm", "config": {}, "tokenizer": "bytes", "model": Evil()}, evil / "ckpt.pt")
     p = subprocess.run([sys.executable, "train_ppo.py", "--init", str(evil), "--reward-model", ckpts["rm"],
-                        "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+                        "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
     assert str(evil / "ckpt.pt") in p.stderr and "refused" in p.stderr
     assert not os.path.exists(Evil.marker)  # the payload never ran

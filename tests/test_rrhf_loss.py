@@ -72,7 +72,10 @@ def test_k1_equals_sft_loss():
     B, T, V = 4, 8, 13
     logits = torch.randn(B, T, V, generator=g, dtype=F64)
     targets = torch.randint(0, V, (B, T), generator=g)
-    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 0], [0, 1, 1, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 1, 1], [1] * 8])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 0],
+                         [0, 1, 1, 0, 0, 0, 0, 0],
+                         [0, 0, 0, 0, 0, 0, 1, 1],
+                         [1] * 8])
     logprobs = torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1)  # (B, T)
     rewards = torch.zeros(B, 1, dtype=F64)
     for b in range(B):  # per prompt: exactly sft_loss
@@ -81,7 +84,8 @@ def test_k1_equals_sft_loss():
     # on a batch whose responses have equal lengths the token mean and the mean of means coincide
     equal = torch.zeros_like(mask)
     equal[:, 3:6] = 1
-    torch.testing.assert_close(rrhf_loss(logprobs[:, None], equal[:, None], rewards), sft_loss(logits, targets, equal))
+    torch.testing.assert_close(rrhf_loss(logprobs[:, None], equal[:, None], rewards),
+                               sft_loss(logits, targets, equal))
 
 
 @pytest.mark.parametrize("length_penalty", [0.0, 1.0])

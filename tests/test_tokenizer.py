@@ -19,7 +19,8 @@ def test_gpt2_from_local_file(shared_data):
     text = "RLHF: rewards, KL penalties & GAE -- with ünïcödé and 🙂."
     assert enc.decode(enc.encode_ordinary(text)) == text
     # a path ending in .tiktoken works as the name too
-    assert get_encoding(os.path.join(shared_data, "gpt2.tiktoken")).encode_ordinary("Hello world") == [15496, 995]
+    by_path = get_encoding(os.path.join(shared_data, "gpt2.tiktoken"))
+    assert by_path.encode_ordinary("Hello world") == [15496, 995]
 
 
 def test_bytes_round_trip_any_unicode():
