@@ -12,7 +12,7 @@ Runs the rows of `STAGES` in order, each as its own process (so its wall time an
     rrhf           train_rrhf.py   rank the SFT model's own samples by reward, no critic/ref  out/rrhf
     dpo            train_dpo.py    the RM's labelled comparisons as a loss on the policy      out/dpo
     grpo           train_grpo.py   group-relative advantages from the reward model            out/grpo
-    grpo_verifier  train_grpo.py   the same, rewarded by a rule that checks the answer        out/grpo_verifier
+    grpo_verifier  train_grpo.py   the same, rewarded by a rule that checks the answer  out/grpo_verifier
 then one evaluation of every method on the same held-out prompts and seed, and writes out/report.json,
 out/report.md (the tables), training curves as PNGs (with matplotlib) and a few sample answers per
 method side by side. Any stage's extra flags can be passed through, e.g. `--ppo "--max-steps 100"`.
@@ -44,7 +44,8 @@ class Stage:
 # Adding a method adds a row. Order matters: every stage reads only what the rows above it wrote.
 STAGES = [
     Stage("sft", "train_sft.py", "",
-          "--n-layer 1 --n-head 2 --n-embd 32 --max-steps 20 --n-demos 256 --eval-prompts 12 --max-new-tokens 16",
+          "--n-layer 1 --n-head 2 --n-embd 32 --max-steps 20 --n-demos 256 --eval-prompts 12 "
+          "--max-new-tokens 16",
           ("loss", "val_loss")),
     Stage("rm", "train_rm.py", "--init {out}/sft",
           "--n-prompts 16 --eval-prompts 8 --max-steps 4 --batch-size 4 --max-new-tokens 16",
@@ -52,20 +53,22 @@ STAGES = [
     Stage("best_of_n", "-m minirlhf.evaluate", "{out}/sft --best-of-n 4 --reward-model {out}/rm --json "
           "{out}/best_of_n.json", "--n-prompts 12 --samples-per-prompt 1 --max-new-tokens 16", ()),
     Stage("ppo", "train_ppo.py", "--init {out}/sft --reward-model {out}/rm",
-          "--max-steps 2 --batch-size 8 --minibatch-size 4 --ppo-epochs 1 --max-new-tokens 16 --eval-prompts 8",
+          "--max-steps 2 --batch-size 8 --minibatch-size 4 --ppo-epochs 1 --max-new-tokens 16 "
+          "--eval-prompts 8",
           ("rm_reward", "gold_reward", "kl", "entropy")),
     Stage("rrhf", "train_rrhf.py", "--init {out}/sft --reward-model {out}/rm",
-          "--n-prompts 8 --max-steps 2 --batch-size 2 --max-new-tokens 16 --eval-prompts 8 --monitor-prompts 4",
+          "--n-prompts 8 --max-steps 2 --batch-size 2 --max-new-tokens 16 --eval-prompts 8 "
+          "--monitor-prompts 4",
           ("rank_loss", "sft_loss", "eval_gold_reward", "kl")),
     Stage("dpo", "train_dpo.py", "--init {out}/sft --comparisons {out}/rm/comparisons.jsonl",
           "--max-steps 2 --batch-size 2 --max-new-tokens 16 --eval-prompts 8 --monitor-prompts 4",
           ("loss", "reward_acc", "margin", "eval_gold_reward", "kl")),
     Stage("grpo", "train_grpo.py", "--init {out}/sft --reward-model {out}/rm",
-          "--max-steps 2 --batch-size 2 --group-size 4 --minibatch-size 1 --max-new-tokens 16 --eval-prompts 8 "
-          "--monitor-prompts 4", ("reward", "eval_gold_reward", "kl", "entropy")),
+          "--max-steps 2 --batch-size 2 --group-size 4 --minibatch-size 1 --max-new-tokens 16 "
+          "--eval-prompts 8 --monitor-prompts 4", ("reward", "eval_gold_reward", "kl", "entropy")),
     Stage("grpo_verifier", "train_grpo.py", "--init {out}/sft --reward verifier",
-          "--max-steps 2 --batch-size 2 --group-size 4 --minibatch-size 1 --max-new-tokens 16 --eval-prompts 8 "
-          "--monitor-prompts 4", ("reward", "eval_gold_reward", "kl", "entropy")),
+          "--max-steps 2 --batch-size 2 --group-size 4 --minibatch-size 1 --max-new-tokens 16 "
+          "--eval-prompts 8 --monitor-prompts 4", ("reward", "eval_gold_reward", "kl", "entropy")),
 ]
 METHODS = [s.name for s in STAGES if s.method]
 EVAL_FAST = "--n-prompts 12 --samples-per-prompt 1 --max-new-tokens 16"
@@ -76,7 +79,8 @@ def run(name, cmd, log_dir):
     print(f"\n=== {name}: {' '.join(shlex.quote(c) for c in cmd[1:])}", flush=True)
     t0 = time.time()
     with open(os.path.join(log_dir, f"{name}.log"), "w") as logf:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                bufsize=1)
         for line in proc.stdout:
             sys.stdout.write(line)
             logf.write(line)
@@ -131,22 +135,25 @@ def markdown_table(report):
     for m in METHODS:
         r = report[m]
         cells = [format(r[k], f) if isinstance(r.get(k), (int, float)) else "-" for k, _, f in COLUMNS]
-        if r.get("models_needed") not in (None, r.get("models_in_memory")):  # RRHF holds an SFT copy to report KL
+        if r.get("models_needed") not in (None, r.get("models_in_memory")):  # RRHF's SFT copy, for the KL
             cells[[c[0] for c in COLUMNS].index("models_in_memory")] += f" ({r['models_needed']} needed)"
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    lines.append("\ngold criteria columns: each criterion's weighted share of the gold reward (they sum to it).")
+    lines.append("\ngold criteria columns: each criterion's weighted share of the gold reward (their sum)")
     if report["best_of_n"].get("kl_to_sft_bound") is not None:
         lines.append("best-of-n's KL is the analytic log n - (n - 1)/n, an upper bound when samples repeat.")
     kinds = list(report[METHODS[0]].get("correct_rate_by_kind", {}))
     if kinds:
-        lines += ["", "correct rate by kind (temperature 1, the same samples as the gold reward; hard: the right "
-                  "product)", "", "| method | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 1) + "|"]
+        lines += ["", "correct rate by kind (temperature 1, the same samples as the gold reward; hard: the "
+                  "right product)", "", "| method | " + " | ".join(kinds) + " |",
+                  "|---" * (len(kinds) + 1) + "|"]
         for m in METHODS:
             rates = report[m].get("correct_rate_by_kind", {})
-            lines.append(f"| {m} | " + " | ".join(f"{rates[k]:.2f}" if k in rates else "-" for k in kinds) + " |")
+            cells = [f"{rates[k]:.2f}" if k in rates else "-" for k in kinds]
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
         greedy = report[METHODS[0]].get("greedy_correct_rate_by_kind")
         if greedy:
-            lines.append("| sft, greedy | " + " | ".join(f"{greedy.get(k, float('nan')):.2f}" for k in kinds) + " |")
+            cells = [f"{greedy[k]:.2f}" if k in greedy else "-" for k in kinds]
+            lines.append("| sft, greedy | " + " | ".join(cells) + " |")
     rm = report["rm"]
     lines.append(f"\nreward model: held-out accuracy vs gold order {rm['accuracy_vs_gold']:.3f}, "
                  f"vs the noisy labels {rm['accuracy_vs_labels']:.3f}")
@@ -158,7 +165,7 @@ def markdown_table(report):
 
 
 def main():
-    ap = argparse.ArgumentParser(description="SFT -> reward model -> every method -> one report, on the built-in task.",
+    ap = argparse.ArgumentParser(description="SFT -> reward model -> every method -> one report.",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--out", default="out", help="output folder (stages write out/sft, out/rm, ...)")
     ap.add_argument("--fast", action="store_true", help="a few steps per stage: checks the plumbing")
@@ -166,7 +173,8 @@ def main():
     ap.add_argument("--resume", action="store_true", help="skip the stages a stopped pipeline finished and "
                     "continue the one it stopped in (same flags)")
     for stage in STAGES:
-        ap.add_argument(f"--{stage.name.replace('_', '-')}", default="", help=f"extra flags for {stage.name}, quoted")
+        ap.add_argument(f"--{stage.name.replace('_', '-')}", default="",
+                        help=f"extra flags for {stage.name}, quoted")
     ap.add_argument("--eval", default="", help="extra flags for the final evaluation, quoted")
     args = ap.parse_args()
     out = args.out
@@ -196,8 +204,9 @@ def main():
             json.dump(wall, f)
     # one evaluation of every trained method: the same held-out prompts and sampling seed for all
     trained = [m for m in METHODS if m != "best_of_n"]
-    run("evaluate", [sys.executable, "-m", "minirlhf.evaluate", *[p(m) for m in trained], "--json", p("eval.json"),
-                     "--samples-json", p("samples.json"), "--reward-model", p("rm"), "--ref", p("sft"), "--greedy",
+    run("evaluate", [sys.executable, "-m", "minirlhf.evaluate", *[p(m) for m in trained],
+                     "--json", p("eval.json"), "--samples-json", p("samples.json"), "--reward-model", p("rm"),
+                     "--ref", p("sft"), "--greedy",
                      *eval_flags], log_dir)
 
     # ---- the report -------------------------------------------------------------------------------
@@ -207,19 +216,22 @@ def main():
     for m in trained:
         extra = load_checkpoint(p(m))["extra"]
         report[m] = dict(evals[p(m)], wall_seconds=wall[m], peak_memory_mb=extra.get("peak_memory_mb"),
-                         models_in_memory=extra.get("models_in_memory"), train_seconds=extra.get("train_seconds"))
+                         models_in_memory=extra.get("models_in_memory"),
+                         train_seconds=extra.get("train_seconds"))
         if "models_needed" in extra:
             report[m]["models_needed"] = extra["models_needed"]
     report["best_of_n"] = dict(json.load(open(p("best_of_n.json")))[p("sft")], wall_seconds=wall["best_of_n"])
     rm_extra = load_checkpoint(p("rm"))["extra"]
-    report["rm"] = {k: rm_extra.get(k) for k in ("accuracy_vs_gold", "accuracy_vs_labels", "reward_mean", "reward_std",
-                                                 "accuracy_correctness_by_kind", "peak_memory_mb", "train_seconds")}
+    rm_keys = ("accuracy_vs_gold", "accuracy_vs_labels", "reward_mean", "reward_std",
+               "accuracy_correctness_by_kind", "peak_memory_mb", "train_seconds")
+    report["rm"] = {k: rm_extra.get(k) for k in rm_keys}
     report["rm"]["wall_seconds"] = wall["rm"]
     report["total_wall_seconds"] = time.time() - t_total
     with open(p("report.json"), "w") as f:
         json.dump(report, f, indent=2)
     samples = json.load(open(p("samples.json")))
-    bon_samples = json.load(open(p("best_of_n.samples.json"))) if os.path.exists(p("best_of_n.samples.json")) else {}
+    bon_path = p("best_of_n.samples.json")
+    bon_samples = json.load(open(bon_path)) if os.path.exists(bon_path) else {}
     table = markdown_table(report)
     lines = ["# minirlhf report", "", table, "", plot_curves(out), "", "## Sample answers", ""]
     by_method = {m: samples[p(m)] for m in trained}
