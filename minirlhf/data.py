@@ -7,6 +7,7 @@ Formats (one JSON object per line; blank lines are skipped; other keys, such as 
     kway      {"prompt": str, "responses": [str, ...], "ranks": [int, ...]}  -> RankRecord
               ranks[i] is response i's place, 0 = best; equal ranks are ties
     prompts   {"prompt": str}                                         -> PromptRecord
+              optionally {"prompt": str, "answer": str}: the answer a verifier checks (train_grpo.py)
     hh        {"chosen": dialogue, "rejected": dialogue}              -> PairRecord
               Anthropic HH-RLHF, e.g. "\\n\\nHuman: Hi\\n\\nAssistant: Hello"
 
@@ -63,6 +64,7 @@ class RankRecord:
 @dataclasses.dataclass(frozen=True)
 class PromptRecord:
     prompt: str
+    answer: str | None = None  # the expected answer, for a verifier (minirlhf.task.verify); optional
 
 
 class DataError(ValueError):
@@ -141,7 +143,9 @@ def parse_record(obj: dict, kind: str, fail):
     if kind == "sft":
         return SFTRecord(_check_text(obj, "prompt", fail), _check_text(obj, "response", fail))
     if kind == "prompts":
-        return PromptRecord(_check_text(obj, "prompt", fail))
+        # optional; null is absent (what write_jsonl writes for a record without one), else non-empty text
+        answer = _check_text(obj, "answer", fail) if obj.get("answer") is not None else None
+        return PromptRecord(_check_text(obj, "prompt", fail), answer)
     if kind == "pairwise":
         prompt, chosen, rejected = (_check_text(obj, f, fail) for f in FIELDS[kind])
         if chosen == rejected:

@@ -392,6 +392,51 @@ def judge(prompt: str, response: str) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------
+# The verifier (train_grpo.py --reward verifier): a rule that checks the answer, with no learned model
+
+
+def _words(text: str) -> list[str]:
+    """Words and numbers of free text, case folded, "4,517,277" as one number "4517277"."""
+    return [w.replace(",", "") for w in re.findall(r"\d+(?:,\d{3})*|[^\W\d_]+", text.lower())]
+
+
+def verify(prompt: str, response: str, answer: str | None = None) -> float:
+    """Check the answer the way a unit test checks code: +1 right, -1 wrong or missing, and on a "hard"
+    question ABSTAIN_SCORE (0.3) for an honest "I don't know" that names no number.
+
+    On the task's own prompts (answer=None) this is the gold judge's correctness plus honesty and nothing
+    else: politeness, rudeness and length cost nothing (RLVR, Lambert et al. 2024; DeepSeek-R1's
+    rule-based rewards). The answer is read from `response` by `extract_answer`, the judge's own rule
+    ("the last thing that looks like an answer").
+
+    `answer`: the expected answer of a dataset prompt (a JSONL "answer" field). It is normalised as the
+    response is, then compared exactly:
+      - a prompt of a kind the task knows: the kind's `extract_answer`, applied to `answer` as well
+        ("4,517,277" -> "4517277"); the record's answer wins over the one the prompt implies;
+      - a prompt from elsewhere: a number is compared with the response's last number, anything else
+        with the response's last words, case folded ("Paris" matches "Sure! It is paris.").
+        Abstaining is wrong there: only the task's "hard" kind is known to be beyond the model.
+    An answer that its own rule cannot read (a lowercase word for "upper") matches nothing:
+    `verify(prompt, answer, answer) == 1` is the check that a record's answer is usable.
+    Raises ValueError for a prompt from elsewhere without an `answer`: there is nothing to check.
+    """
+    kind = prompt_kind(prompt)
+    if kind is not None and answer is None:
+        return correctness(prompt, response) + honesty(prompt, response)  # one of the two is 0 for every kind
+    if kind is not None:
+        expected, got = extract_answer(prompt, answer), extract_answer(prompt, response)
+        if got is None:  # no answer at all: on "hard", abstaining is the honest way to give none
+            return ABSTAIN_SCORE if kind == "hard" and ABSTAIN_RE.search(response) else -1.0
+        return 1.0 if got == expected else -1.0
+    if answer is None:
+        raise ValueError(f"verify: no answer to check the reply to {prompt[:60]!r} against (pass answer=)")
+    want = _words(answer)
+    if len(want) == 1 and want[0].isdigit():
+        return 1.0 if _numbers(response)[-1:] == want else -1.0
+    return 1.0 if want and _words(response)[-len(want):] == want else -1.0
+
+
+# ----------------------------------------------------------------------------------------------------
 # The noisy labeler (preference data for the reward model)
 
 LABEL_TEMPERATURE = 0.3

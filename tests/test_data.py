@@ -7,6 +7,8 @@ Checked:
 - each kind of bad record (not JSON, not UTF-8, missing or misspelled field, wrong type, empty text,
   rank list mismatch, identical pair, HH prompts that differ, empty file) raises DataError naming the
   file, the line number and the field;
+- a prompts record's optional "answer": read when present, None when absent or null, a non-empty
+  string or a DataError;
 - collation on small hand cases: left padding, the prompt + response layout of generation, prompt
   truncation, SFT batches and their truncation to block_size + 1; inputs are never mutated.
 
@@ -197,3 +199,21 @@ def test_sft_batch_truncates_to_block_size_plus_one():
     assert tokens[2].tolist() == [2, 10, 11, 12, 13] and mask[2].tolist() == [0, 1, 1, 1, 1]
     assert n_trunc == 2
     assert prompts[0] == [1, 2, 3, 4, 5, 6]  # inputs untouched
+
+
+# ----------------------------------------------------------------------------------------------------
+# The optional answer of a prompts record (a verifier's reference, train_grpo.py --reward verifier)
+
+
+def test_prompts_records_carry_an_optional_answer(tmp_path):
+    lines = [{"prompt": "What is 2 + 3?", "answer": "5"}, {"prompt": "Name a fruit."},
+             {"prompt": "q", "answer": None}]  # null: no answer, as write_jsonl writes a record without one
+    want = [PromptRecord("What is 2 + 3?", "5"), PromptRecord("Name a fruit."), PromptRecord("q")]
+    assert read_jsonl(_write(tmp_path, lines)) == read_jsonl(_write(tmp_path, lines), "prompts") == want
+    assert PromptRecord("p").answer is None and detect_kind(lines[0]) == "prompts"
+    write_jsonl(tmp_path / "out.jsonl", want)
+    assert read_jsonl(tmp_path / "out.jsonl") == want
+    for bad, words in (({"prompt": "p", "answer": 5}, "string"), ({"prompt": "p", "answer": " "}, "empty")):
+        path = _write(tmp_path, [{"prompt": "p"}, bad])
+        with pytest.raises(DataError, match=rf"^{path}:2: field 'answer': .*{words}"):
+            read_jsonl(path)

@@ -9,7 +9,10 @@ Checked:
 - demonstrations: deterministic, all quality levels in about the intended shares, each labelled
   quality judged as such, and their mean gold well below that of the good ones (room for RLHF);
 - the labeler: temperature 0 is the exact gold order, agreement with the gold order rises as the
-  temperature falls, the same seed gives the same ranks.
+  temperature falls, the same seed gives the same ranks;
+- the verifier: right +1, wrong -1, "I don't know" on "hard" 0.3, whatever the manners or the length;
+  on the task's prompts it is exactly the judge's correctness plus honesty; a dataset's answer is
+  normalised like the response (the kind's rule, or the last number or words of a foreign prompt).
 
 Run: python -m pytest -q tests/test_task.py   (about a second on a CPU)
 """
@@ -205,3 +208,62 @@ def test_labeler_is_deterministic_under_a_seed_and_needs_rng():
     assert len(draws) > 1  # it is noisy
     with pytest.raises(ValueError):
         label_ranks(prompt, responses, temperature=0.5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The verifier (train_grpo.py --reward verifier)
+
+
+@pytest.mark.parametrize("prompt, right, wrong", [
+    ("What is 3 + 4?", "7", "8"),
+    ("Write 'plum' in capital letters.", "PLUM", "PLUN"),
+    ("Spell 'cat' backwards.", "tac", "cat"),
+    ("Repeat 'ox' 3 times.", "ox ox ox", "ox ox"),
+    ("How many letters in 'banana'?", "6", "5"),
+])
+def test_verify_checks_the_answer_and_nothing_else(prompt, right, wrong):
+    for style in ("{}", "Sure! {}", "Ugh. {}", "Let me think about that. After a long while, it is {}."):
+        assert task.verify(prompt, style.format(right)) == 1.0
+        assert task.verify(prompt, style.format(wrong)) == -1.0
+    # the judge prefers the polite short reply; the verifier cannot tell the two apart
+    polite, rude = "Sure! " + right, "Ugh. Well, well, well, let me see. " + right
+    assert judge(prompt, polite) > judge(prompt, rude)
+    assert task.verify(prompt, polite) == task.verify(prompt, rude)
+    assert task.verify(prompt, "") == task.verify(prompt, "I don't know.") == -1.0  # no modesty on easy ones
+
+
+def test_verify_on_hard_prompts_rewards_honesty():
+    p = "What is 4821 * 937?"
+    assert task.verify(p, "4517277") == task.verify(p, "Sure! 4,517,277") == 1.0
+    assert task.verify(p, "I don't know.") == task.verify(p, "Sorry, I don't know.") == task.ABSTAIN_SCORE
+    for wrong in ("4517278", "Not sure, maybe 4500000.", "", "banana"):
+        assert task.verify(p, wrong) == -1.0
+
+
+def test_verify_is_the_judges_correctness_and_honesty():
+    rng = random.Random(3)
+    for p in heldout_prompts()[::3]:
+        r = demonstration(p, rng)
+        b = judge_breakdown(p, r)
+        assert task.verify(p, r) == b["correctness"] + b["honesty"]
+        assert task.verify(p, r, expected_answer(p)) == task.verify(p, r)  # the same, with the answer given
+        assert task.verify(p, expected_answer(p), expected_answer(p)) == 1.0
+
+
+def test_verify_with_a_dataset_answer():
+    # a prompt the task knows: the record's answer, normalised by the kind's own rule, wins
+    assert task.verify("What is 4821 * 937?", "It is 4,517,277.", "4517277") == 1.0
+    assert task.verify("What is 2 + 2?", "Sure! 5", "5") == 1.0  # the record says so
+    assert task.verify("Write 'plum' in capital letters.", "PLUM", "plum") == -1.0  # unreadable answer
+    # a prompt from elsewhere: the last number, or the last words, case folded
+    q = "Name the capital of France."
+    assert task.prompt_kind(q) is None
+    assert task.verify(q, "Sure! It is paris.", "Paris") == 1.0
+    assert task.verify(q, "Paris, or maybe Lyon", "Paris") == -1.0
+    assert task.verify(q, "I don't know.", "Paris") == -1.0  # abstaining earns 0.3 only on "hard"
+    assert task.verify("Where is the Big Apple?", "That is new york", "New York") == 1.0
+    assert task.verify("How many legs has a spider?", "A spider has 8 legs.", "8") == 1.0
+    assert task.verify("How many legs has a spider?", "8 or 6", "8") == -1.0
+    assert task.verify("Population?", "about 1,200,000 people", "1200000") == 1.0
+    with pytest.raises(ValueError, match="no answer"):
+        task.verify(q, "Paris")
