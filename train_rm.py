@@ -35,9 +35,17 @@ Reports held-out pairwise accuracy (the preferred response scores higher) agains
 ranks (`acc_labels`), and on the built-in task against the gold judge on the pairs whose gold rewards
 differ (`acc_gold`: what the later stages rely on). Writes out/rm/ckpt.pt (kind "scalar") and
 out/rm/metrics.jsonl. A stopped run continues with `--resume`.
+
+On the built-in task it also writes the labelled comparisons it trained on, so that an offline method
+(train_dpo.py) learns from exactly the labels the reward model saw: out/rm/comparisons.jsonl (the
+training prompts) and out/rm/comparisons_heldout.jsonl (the held-out ones), K-way records {prompt,
+responses, ranks} as minirlhf.data reads them. Absent candidates (repeats) are left out, and so is an
+empty response (a sample that was only EOS: a JSONL record cannot hold it); a prompt left with fewer
+than 2 distinct responses is skipped. With --data nothing is written: the file already is the data.
 """
 
 import math
+import os
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -49,7 +57,8 @@ from tqdm import tqdm
 from minirlhf import task
 from minirlhf.checkpoint import load_model, remove_resume, resume_or_start, save_checkpoint, save_resume
 from minirlhf.cli import Log, arg, check_finite, parse_args, require
-from minirlhf.data import PairRecord, RankRecord, join_prompt_response, read_jsonl, truncate_prompt
+from minirlhf.data import (PairRecord, RankRecord, join_prompt_response, read_jsonl, truncate_prompt,
+                           write_jsonl)
 from minirlhf.evaluate import encode_prompts, sample_responses
 from minirlhf.model import ScalarHead
 from minirlhf.ops import gather_last
@@ -197,6 +206,29 @@ def label_distinct(prompt: str, texts: list[str], temperature: float, rng: rando
         ranks.append(-1 if t in seen else place[t])
         seen.add(t)
     return ranks
+
+
+def comparison_records(groups: list[Ranked]) -> list[dict]:
+    """The groups as K-way records {prompt, responses, ranks} that `read_jsonl` reads back.
+
+    Absent candidates (rank -1) and empty texts are dropped, the others keep their ranks (ties stay
+    ties), and a group left with fewer than 2 distinct responses is skipped: it holds no comparison.
+    """
+    records = []
+    for g in groups:
+        kept = [(t, r) for t, r in zip(g.texts, g.ranks) if r >= 0 and t.strip()]
+        if len({t for t, _ in kept}) >= 2:
+            texts, ranks = zip(*kept)
+            records.append({"prompt": g.prompt, "responses": list(texts), "ranks": list(ranks)})
+    return records
+
+
+def write_comparisons(path: str, groups: list[Ranked]) -> list[dict]:
+    """Write `comparison_records(groups)` to `path` atomically (a temporary file renamed into place)."""
+    records = comparison_records(groups)
+    write_jsonl(path + ".tmp", records)
+    os.replace(path + ".tmp", path)
+    return records
 
 
 if __name__ == "__main__":
@@ -386,6 +418,11 @@ if __name__ == "__main__":
     print(f"held-out accuracy: vs labels {val_metrics['acc_labels']:.4f}"
           + (f" | vs gold {val_metrics['acc_gold']:.4f}" if "acc_gold" in val_metrics else "")
           + f" | SFT-sample scores: mean {extra['reward_mean']:+.3f} std {extra['reward_std']:.3f}")
+    if not args.data:  # the labels this model learned from, for the offline methods (train_dpo.py)
+        for name, groups in (("comparisons", train_groups), ("comparisons_heldout", val_groups)):
+            written = write_comparisons(os.path.join(args.out, f"{name}.jsonl"), groups)
+            n = sum(sum(0 <= a < b for a in r["ranks"] for b in r["ranks"]) for r in written)
+            print(f"wrote {len(written)} ranked prompts ({n} pairs) to {args.out}/{name}.jsonl")
     save_checkpoint(args.out, model, enc.name, asdict(args), args.max_steps, extra)
     remove_resume(args.out)
     print(f"saved {args.out}/ckpt.pt after {train_seconds:.0f} s of training ({epochs:.1f} epochs), "
