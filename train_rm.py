@@ -28,7 +28,7 @@ Deviations from InstructGPT:
   mean and standard deviation of the scores on SFT samples (`extra["reward_mean"]`, `["reward_std"]`),
   and minirlhf.reward scales with both, so the PPO stage starts at reward ~ 0 with unit spread.
 
-    python train_rm.py                                       # built-in task, after train_sft.py; ~100 CPU-seconds
+    python train_rm.py                                       # built-in task, after train_sft.py
     python train_rm.py --data hh.jsonl --device cuda --batch-size 32 --max-steps 2000 --eval-interval 200
 
 Reports held-out pairwise accuracy (the preferred response scores higher) against the labeler's noisy
@@ -44,7 +44,6 @@ empty response (a sample that was only EOS: a JSONL record cannot hold it); a pr
 than 2 distinct responses is skipped. With --data nothing is written: the file already is the data.
 """
 
-import math
 import os
 import random
 import time
@@ -56,7 +55,8 @@ from tqdm import tqdm
 
 from minirlhf import task
 from minirlhf.checkpoint import load_model, remove_resume, resume_or_start, save_checkpoint, save_resume
-from minirlhf.cli import Log, arg, check_finite, parse_args, require
+from minirlhf.cli import (Log, adamw, arg, check_device, check_dtype, check_finite, nonnegative, parse_args,
+                          peak_memory_mb, positive, require, warmup_cosine)
 from minirlhf.data import (PairRecord, RankRecord, join_prompt_response, read_jsonl, truncate_prompt,
                            write_jsonl)
 from minirlhf.evaluate import encode_prompts, sample_responses
@@ -68,30 +68,40 @@ from minirlhf.tokenizer import encode_prompt, encode_response, eos_id, load_toke
 @dataclass
 class Args:
     """Reward modelling on rankings of K responses per prompt."""
-    out: str = arg("out/rm", "output folder for the checkpoint and metrics.jsonl")
-    init: str = arg("out/sft", "the SFT checkpoint: its trunk starts the reward model (and, on the built-in task, "
-                    "it writes the candidates)")
+    # I/O
+    out: str = arg("out/rm", "output folder for the checkpoint, metrics.jsonl and comparisons.jsonl")
+    init: str = arg("out/sft", "the SFT checkpoint: its trunk starts the reward model (and, on the built-in "
+                    "task, it writes the candidates)")
     data: str = arg("", "JSONL of pairwise {prompt, chosen, rejected}, K-way {prompt, responses, ranks} or "
                     "HH-RLHF records; '' = the built-in task")
-    k: int = arg(4, "built-in task: responses sampled per prompt and ranked together")
-    n_prompts: int = arg(1024, "built-in task: training prompts to sample and rank K responses for")
-    eval_prompts: int = arg(300, "held-out prompts (built-in task) or validation records (--data) for accuracy")
-    label_temperature: float = arg(task.LABEL_TEMPERATURE, "built-in task: labeler noise (0 = the gold order)")
-    temperature: float = arg(1.0, "sampling temperature of the candidates (and of the samples for the statistics)")
-    max_new_tokens: int = arg(48, "response length limit when sampling")
-    seed: int = arg(1337, "random seed")
-    device: str = arg("auto", "cpu | cuda | auto")
-    dtype: str = arg("auto", "float32 | bfloat16 (autocast, CUDA) | auto")
-    compile: bool = arg(False, "torch.compile the model (GPU)")
-    lr: float = arg(3e-4, "peak learning rate (linear warmup, cosine decay to lr/10)")
-    warmup_steps: int = arg(10, "learning-rate warmup")
-    weight_decay: float = arg(0.1, "AdamW weight decay on matrices")
-    grad_clip: float = arg(1.0, "clip the gradient norm to this")
-    batch_size: int = arg(16, "prompts per step, each with all its K candidates (B*K sequences)")
-    max_steps: int = arg(64, "optimisation steps (64 x 16 prompts: one epoch over the default 1024)")
-    eval_interval: int = arg(32, "held-out accuracy every this many steps")
-    ckpt_interval: int = arg(32, "save out/rm/resume.pt every this many steps, for --resume")
     resume: bool = arg(False, "continue the run saved in --out (same arguments)")
+    overwrite: bool = arg(False, "replace a finished run saved in --out")
+    ckpt_interval: int = arg(32, "save out/rm/resume.pt every this many steps, for --resume", positive)
+    # system
+    seed: int = arg(1337, "random seed")
+    device: str = arg("auto", "cpu | cuda | cuda:N | auto", check_device)
+    dtype: str = arg("auto", "float32 | bfloat16 (autocast, CUDA only) | auto", check_dtype)
+    compile: bool = arg(False, "torch.compile the model (GPU)")
+    threads: int = arg(0, "CPU threads (0: torch's default); a fixed count is bit-reproducible", nonnegative)
+    # optimisation
+    lr: float = arg(3e-4, "peak learning rate (linear warmup, cosine decay to lr/10)", positive)
+    warmup_steps: int = arg(10, "learning-rate warmup", nonnegative)
+    weight_decay: float = arg(0.1, "AdamW weight decay on matrices", nonnegative)
+    grad_clip: float = arg(1.0, "clip the gradient norm to this", positive)
+    batch_size: int = arg(16, "prompts per step, each with all its K candidates (B*K sequences)", positive)
+    # schedule and evaluation
+    max_steps: int = arg(64, "optimisation steps (64 x 16 prompts: one epoch of the default 1024)", positive)
+    eval_interval: int = arg(32, "held-out accuracy every this many steps", positive)
+    eval_prompts: int = arg(300, "held-out prompts (built-in task) or validation records (--data)", positive)
+    max_new_tokens: int = arg(48, "response length limit when sampling", positive)
+    # the reward model: the comparisons (built-in task)
+    k: int = arg(4, "built-in task: responses sampled per prompt and ranked together (at least 2)",
+                 lambda v: None if v >= 2 else "must be at least 2: one response forms no comparison")
+    n_prompts: int = arg(1024, "built-in task: training prompts to sample and rank K responses for", positive)
+    label_temperature: float = arg(task.LABEL_TEMPERATURE, "built-in task: labeler noise (0: the gold order)",
+                                   nonnegative)
+    temperature: float = arg(1.0, "sampling temperature of the candidates (and of the statistics' samples)",
+                             positive)
 
 
 def ranking_loss(rewards: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
@@ -141,6 +151,33 @@ def pairwise_accuracy(scores: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor
     return correct.sum() / pairs.sum()
 
 
+@torch.no_grad()
+def ranking_stats(rewards: torch.Tensor, ranks: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What ranking_loss was taken over, for the log; arguments as in `ranking_loss`.
+
+    acc:    the share of the batch's ranked pairs the rewards already order (`pairwise_accuracy`);
+    margin: the mean of r_i - r_j over those pairs (i ranked above j), the quantity in the sigmoid;
+    pairs:  how many ranked pairs the batch held.
+    """
+    pairs = (ranks[:, :, None] >= 0) & (ranks[:, :, None] < ranks[:, None, :])  # (B, K, K), as ranking_loss
+    margins = rewards[:, :, None] - rewards[:, None, :]                         # (B, K, K)
+    n = pairs.sum()
+    return {"acc": pairwise_accuracy(rewards, ranks), "margin": (margins * pairs).sum() / n.clamp(min=1),
+            "pairs": n}
+
+
+def correctness_only_pairs(group) -> list[tuple[int, int]]:
+    """(i, j) candidate pairs of a group whose gold breakdowns differ in correctness alone, i right.
+
+    Politeness, concision and honesty equal, the answer right in i and wrong in j: the comparisons a
+    reward model must get right for RLHF to teach correctness rather than manners.
+    """
+    b = [task.judge_breakdown(group.prompt, t) for t in group.texts]
+    others = ("politeness", "concision", "honesty")
+    return [(i, j) for i in range(len(b)) for j in range(len(b))
+            if b[i]["correctness"] > b[j]["correctness"] and all(b[i][c] == b[j][c] for c in others)]
+
+
 def ranks_from_values(values: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
     """Ranks (B, K) of values (B, K), largest first: rank[b, i] = #{present j : v[b, j] > v[b, i]}.
 
@@ -158,7 +195,7 @@ def ranks_from_values(values: torch.Tensor, present: torch.Tensor) -> torch.Tens
 
 @dataclass
 class Ranked:
-    """One prompt with its candidate responses (token ids, EOS included) and their ranks (0 best, -1 absent)."""
+    """A prompt with its candidate responses (token ids, EOS included) and their ranks (0 best, -1 absent)."""
     prompt: str
     prompt_ids: list[int]
     responses: list[list[int]]
@@ -236,30 +273,31 @@ if __name__ == "__main__":
     t_begin = time.time()
 
     # ---- device, dtype, seed ----------------------------------------------------------------------
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
-    dtype = ("bfloat16" if device == "cuda" else "float32") if args.dtype == "auto" else args.dtype
-    autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=(dtype == "bfloat16" and device == "cuda"))
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=(dtype == "bfloat16"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    if device == "cuda":
+    data_rng = random.Random(args.seed)                           # batch order
+    generator = torch.Generator(device=device).manual_seed(args.seed)  # the candidates' sampling
+    if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
 
-    # ---- the SFT model: it writes the candidates, then its trunk becomes the reward model's ---------
+    # ---- models: the SFT policy writes the candidates, then its trunk becomes the reward model's -------
     policy, ck = load_model(args.init, device, kind="lm")
     enc = load_tokenizer(ck)
     block_size, pad = policy.config.block_size, eos_id(enc)
-    require(0 < args.max_new_tokens < block_size, f"--max-new-tokens {args.max_new_tokens} must be positive and leave "
-            f"room for a prompt in the context of {block_size} tokens")
-    require(min(args.k, args.batch_size, args.max_steps, args.eval_interval, args.ckpt_interval) > 0,
-            "--k, --batch-size, --max-steps, --eval-interval and --ckpt-interval must be positive")
-    gen = torch.Generator(device=device).manual_seed(args.seed)
+    require(args.max_new_tokens < block_size, f"--max-new-tokens {args.max_new_tokens} must leave room for a "
+            f"prompt in the context of {block_size} tokens")
     max_prompt = block_size - args.max_new_tokens  # the prompt budget sampling uses, here and in PPO
 
     def sample_groups(prompts, label_rng):
         """K SFT samples per prompt, ranked by the simulated labeler."""
         flat = [p for p in prompts for _ in range(args.k)]
         out = sample_responses(policy, enc, flat, args.max_new_tokens, temperature=args.temperature,
-                               generator=gen, device=device)
+                               generator=generator, device=device)
         prompt_ids, _ = encode_prompts(enc, prompts, max_prompt)  # as sampling cut them (it never does here)
         groups = []
         for b, p in enumerate(prompts):
@@ -270,8 +308,8 @@ if __name__ == "__main__":
         return groups
 
     def record_group(r):
-        require(isinstance(r, (PairRecord, RankRecord)), f"{args.data}: {type(r).__name__}s carry no preference; "
-                "the reward model needs pairwise, K-way or HH-RLHF records")
+        require(isinstance(r, (PairRecord, RankRecord)), f"{args.data}: {type(r).__name__}s carry no "
+                "preference; the reward model needs pairwise, K-way or HH-RLHF records")
         if isinstance(r, PairRecord):
             responses, ranks = [r.chosen, r.rejected], [0, 1]
         else:
@@ -282,6 +320,7 @@ if __name__ == "__main__":
     # ---- data: K ranked candidates per prompt ------------------------------------------------------
     t0 = time.time()
     policy.eval()
+    builtin = not args.data  # the gold judge, the labeler and the held-out prompts: built-in task only
     if args.data:
         records = read_jsonl(args.data, "auto")
         random.Random(args.seed).shuffle(records)
@@ -289,41 +328,50 @@ if __name__ == "__main__":
         val_groups = [record_group(r) for r in records[:n_val][: args.eval_prompts]]
         train_groups = [record_group(r) for r in records[n_val:]]
         # The statistics that normalise the reward are taken on what PPO will score: SFT samples, one per
-        # prompt of the file. Draw them now, before training turns the policy's trunk into the reward model's.
+        # prompt of the file. Draw them now, before training turns the policy's trunk into the RM's.
         stat_prompts = [r.prompt for r in records[: args.eval_prompts]]
-        samples = sample_responses(policy, enc, stat_prompts, args.max_new_tokens, temperature=args.temperature,
-                                   generator=gen, device=device)
+        samples = sample_responses(policy, enc, stat_prompts, args.max_new_tokens,
+                                   temperature=args.temperature, generator=generator, device=device)
         stat_ids, _ = encode_prompts(enc, stat_prompts, max_prompt)
-        stat_groups = [Ranked(p, ids, [r], [text], [0]) for p, ids, (text, r) in zip(stat_prompts, stat_ids, samples)]
+        stat_groups = [Ranked(p, ids, [r], [text], [0])
+                       for p, ids, (text, r) in zip(stat_prompts, stat_ids, samples)]
     else:
-        prompts = random.Random(args.seed).sample(task.train_prompts(), args.n_prompts)
+        pool = task.train_prompts()
+        if args.n_prompts > len(pool):
+            print(f"note: --n-prompts {args.n_prompts} is more than the task's {len(pool)} training prompts; "
+                  f"using all {len(pool)}")
+        prompts = random.Random(args.seed).sample(pool, min(args.n_prompts, len(pool)))
         train_groups = sample_groups(prompts, random.Random(args.seed + 1))
         val_groups = sample_groups(task.heldout_prompts()[: args.eval_prompts], random.Random(args.seed + 2))
         stat_groups = val_groups  # every held-out candidate is an SFT sample, repeats included
+    require(train_groups, f"{args.data}: {len(val_groups)} record(s), too few to hold one out and train on")
     K = max(len(g.responses) for g in train_groups + val_groups)
     sample_seconds = time.time() - t0
     n_pairs = sum(sum(0 <= a < b for a in g.ranks for b in g.ranks) for g in train_groups)
     print(f"data: {len(train_groups)} train, {len(val_groups)} held-out prompts, K = {K}, "
           f"{n_pairs} training pairs ({sample_seconds:.0f} s)")
+    require(n_pairs > 0, "no ranked pair to learn from: every prompt's responses are tied or repeated "
+            + ("(in " + args.data + ")" if args.data else f"(--k {args.k}, --n-prompts {args.n_prompts})"))
     val_ranks = torch.tensor([g.ranks + [-1] * (K - len(g.ranks)) for g in val_groups])  # (N, K)
-    if not args.data:
+    if builtin:
         # Gold ranks over the same candidates the labeler saw; rounding makes equal-looking totals
         # (different criteria summing to the same reward) tie rather than differ by 1e-16.
         gold = torch.tensor([g.gold for g in val_groups], dtype=torch.float64).round(decimals=6)
         val_gold_ranks = ranks_from_values(gold, val_ranks >= 0)
         # How well the noisy labels themselves follow the gold order: what the reward model learns from.
         labels_vs_gold = pairwise_accuracy(-val_ranks.float(), val_gold_ranks).item()
-        print(f"held-out labels agree with the gold order on {labels_vs_gold:.3f} of the gold-differing pairs")
+        print(f"held-out labels agree with the gold order on {labels_vs_gold:.3f} of the pairs gold orders")
 
     # ---- the reward model ---------------------------------------------------------------------------
     model = ScalarHead(policy).to(device).train()  # the head is the only new parameter: Linear(n_embd, 1)
     del policy  # its trunk now belongs to the reward model and is trained
-    print(f"reward model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, tokenizer {enc.name}, "
-          f"device {device}, dtype {dtype}")
+    print(f"reward model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, tokenizer "
+          f"{enc.name}, device {device}, dtype {dtype}")
 
     def get_batch(groups):
-        ids, attn, resp, ranks, n_cut = rm_batch(groups, K, pad, block_size)
-        return ids.to(device), attn.to(device), resp.to(device), ranks.to(device), n_cut
+        """B groups -> tokens, attn, mask (B*K, T), ranks (B, K), rows truncated."""
+        tokens, attn, mask, ranks, n_cut = rm_batch(groups, K, pad, block_size)
+        return tokens.to(device), attn.to(device), mask.to(device), ranks.to(device), n_cut
 
     @torch.no_grad()
     def scores_of(groups):
@@ -331,9 +379,9 @@ if __name__ == "__main__":
         model.eval()
         out = []
         for i in range(0, len(groups), args.batch_size):
-            ids, attn, resp, ranks, _ = get_batch(groups[i:i + args.batch_size])
+            tokens, attn, mask, ranks, _ = get_batch(groups[i:i + args.batch_size])
             with autocast:
-                out.append(gather_last(model(ids, attn), resp).float().view(ranks.shape).cpu())
+                out.append(gather_last(model(tokens, attn), mask).float().view(ranks.shape).cpu())
         model.train()
         return torch.cat(out)
 
@@ -341,63 +389,55 @@ if __name__ == "__main__":
         scores = scores_of(val_groups)
         metrics = dict(val_loss=ranking_loss(scores, val_ranks).item(),
                        acc_labels=pairwise_accuracy(scores, val_ranks).item())
-        if not args.data:
+        if builtin:
             metrics["acc_gold"] = pairwise_accuracy(scores, val_gold_ranks).item()
         return metrics, scores
 
     # ---- optimizer --------------------------------------------------------------------------------
-    decay = [p for p in model.parameters() if p.dim() >= 2]       # matrices and embeddings decay,
-    no_decay = [p for p in model.parameters() if p.dim() < 2]     # biases and LayerNorm gains do not
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=args.lr, betas=(0.9, 0.95), fused=(device == "cuda"))
-
-    def lr_at(step):
-        if step < args.warmup_steps:
-            return args.lr * (step + 1) / args.warmup_steps
-        progress = (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps)
-        return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
+    optimizer = adamw(model, args.lr, args.weight_decay, device)
+    lr_at = lambda step: warmup_cosine(step, args.lr, args.warmup_steps, args.max_steps)  # noqa: E731
     train_model = torch.compile(model) if args.compile else model
-    data_rng = random.Random(args.seed)
-    # what --resume restores besides the weights; the candidates are sampled again, the same from the same seed
+    # what --resume restores besides the weights; the candidates are sampled again, the same from the seed
     state = dict(optimizer=optimizer, data_rng=data_rng)
     start, saved = resume_or_start(args, model, state)
     order, n_truncated = saved.get("order", []), saved.get("n_truncated", 0)  # the epoch under way
     log = Log(args.out, first_step=start)
 
     # ---- training loop ----------------------------------------------------------------------------
+    last = args.max_steps - 1
     t_start = time.time()
-    for step in tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, desc="rm", dynamic_ncols=True, disable=None):
+    for step in tqdm(range(start, args.max_steps), "rm", initial=start, total=args.max_steps, disable=None):
         t0 = time.time()
         for g in optimizer.param_groups:
             g["lr"] = lr_at(step)
         if len(order) < args.batch_size:  # epochs: every prompt once, in a fresh order each pass
             order += data_rng.sample(range(len(train_groups)), len(train_groups))
         batch, order = [train_groups[i] for i in order[:args.batch_size]], order[args.batch_size:]
-        ids, attn, resp, ranks, n_cut = get_batch(batch)
+        tokens, attn, mask, ranks, n_cut = get_batch(batch)
         n_truncated += n_cut
         with autocast:
-            values = train_model(ids, attn)                               # (B*K, T): a scalar per position
+            values = train_model(tokens, attn)                            # (B*K, T): a scalar per position
         # the score of a candidate is its scalar at the last response token (its EOS when it has one)
-        rewards = gather_last(values, resp).float().view(ranks.shape)    # (B, K)
-        # loss = mean over prompts of mean over ranked pairs (i above j) of -log sigmoid(r_i - r_j)
+        rewards = gather_last(values, mask).float().view(ranks.shape)    # (B, K)
+        # L = mean over prompts of mean over ranked pairs (i above j) of -log sigmoid(r_i - r_j)
         loss = ranking_loss(rewards, ranks)
         check_finite(loss, step, args.out)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
-        evaluate_now = step % args.eval_interval == 0 or step == args.max_steps - 1
+
+        evaluate_now = step % args.eval_interval == 0 or step == last
         if step % 10 == 0 or evaluate_now:
-            metrics = dict(loss=loss.item(), acc=pairwise_accuracy(rewards.detach(), ranks).item(),
-                           grad_norm=grad_norm.item(), lr=lr_at(step), ms=(time.time() - t0) * 1000)
+            metrics = dict(loss=loss, **ranking_stats(rewards, ranks), grad_norm=grad_norm, lr=lr_at(step),
+                           ms=(time.time() - t0) * 1000)
             if evaluate_now:
                 val_metrics, val_scores = evaluate_rm()  # the last step's is the final evaluation
                 metrics.update(val_metrics)
             log(step, print_line=evaluate_now, **metrics)
-        if (step + 1) % args.ckpt_interval == 0 and step + 1 < args.max_steps:
-            save_resume(args.out, model, enc.name, args, step + 1, state, order=order, n_truncated=n_truncated)
+        if (step + 1) % args.ckpt_interval == 0 and step < last:
+            save_resume(args.out, model, enc.name, args, step + 1, state, order=order,
+                        n_truncated=n_truncated)
     if n_truncated:
         print(f"note: {n_truncated} training rows were truncated to fit block_size {block_size}")
     train_seconds = time.time() - t_start
@@ -408,18 +448,33 @@ if __name__ == "__main__":
     extra = dict(reward_mean=stat_scores.mean().item(), reward_std=stat_scores.std().item(),
                  accuracy_vs_labels=val_metrics["acc_labels"], accuracy_vs_gold=val_metrics.get("acc_gold"),
                  val_loss=val_metrics["val_loss"], train_seconds=train_seconds, sample_seconds=sample_seconds,
-                 epochs=epochs)
-    if not args.data:
+                 epochs=epochs, peak_memory_mb=peak_memory_mb(device), models_in_memory=1)
+    if builtin:
         extra["labels_vs_gold"] = labels_vs_gold
+        # the pairs that differ in correctness alone, by kind: can the RM teach correctness, not manners?
+        right, seen = {}, {}
+        for g, s in zip(val_groups, val_scores):
+            kind = task.prompt_kind(g.prompt)
+            for i, j in correctness_only_pairs(g):
+                if g.ranks[i] >= 0 and g.ranks[j] >= 0:
+                    right[kind] = right.get(kind, 0) + bool(s[i] > s[j])
+                    seen[kind] = seen.get(kind, 0) + 1
+        extra["accuracy_correctness_by_kind"] = {k: right[k] / seen[k] for k in task.KINDS if k in seen}
+        extra["pairs_correctness_by_kind"] = {k: seen[k] for k in task.KINDS if k in seen}
         for g, s in zip(val_groups[:3], val_scores):
             print(f"  {g.prompt!r}")
             for k in sorted(range(len(g.texts)), key=lambda k: -s[k].item()):
-                print(f"      score {s[k].item():+.2f}  gold {g.gold[k]:+.2f}  rank {g.ranks[k]:2d}  {g.texts[k]!r}")
+                print(f"      score {s[k].item():+.2f}  gold {g.gold[k]:+.2f}  rank {g.ranks[k]:2d}  "
+                      f"{g.texts[k]!r}")
     print(f"held-out accuracy: vs labels {val_metrics['acc_labels']:.4f}"
           + (f" | vs gold {val_metrics['acc_gold']:.4f}" if "acc_gold" in val_metrics else "")
           + f" | SFT-sample scores: mean {extra['reward_mean']:+.3f} std {extra['reward_std']:.3f}")
-    if not args.data:  # the labels this model learned from, for the offline methods (train_dpo.py)
+    if builtin:
+        print("held-out pairs that differ in correctness alone, accuracy by kind: " + ", ".join(
+            f"{k} {v:.2f} ({extra['pairs_correctness_by_kind'][k]})"
+            for k, v in extra["accuracy_correctness_by_kind"].items()))
         for name, groups in (("comparisons", train_groups), ("comparisons_heldout", val_groups)):
+            # the labels this model learned from, for the offline methods (train_dpo.py)
             written = write_comparisons(os.path.join(args.out, f"{name}.jsonl"), groups)
             n = sum(sum(0 <= a < b for a in r["ranks"] for b in r["ranks"]) for r in written)
             print(f"wrote {len(written)} ranked prompts ({n} pairs) to {args.out}/{name}.jsonl")

@@ -16,15 +16,17 @@ Run: python -m pytest -q tests/test_rm.py
 import json
 import os
 import random
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from conftest import run_script
+from minirlhf import task
+from minirlhf.checkpoint import load_checkpoint
 from minirlhf.model import GPT, GPTConfig, ScalarHead
 from minirlhf.ops import gather_last
-from train_rm import Ranked, label_distinct, pairwise_accuracy, ranks_from_values, rm_batch
+from train_rm import (Ranked, correctness_only_pairs, label_distinct, pairwise_accuracy, ranking_stats,
+                      ranks_from_values, rm_batch)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAD = 256  # the bytes encoding's EOS, also the pad id
@@ -101,22 +103,15 @@ def test_labeler_sees_each_distinct_sample_once():
 # Smoke runs
 
 def run(script, *flags):
-    out = subprocess.run([sys.executable, os.path.join(ROOT, script), *flags], cwd=ROOT, capture_output=True,
-                         text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    return out.stdout
+    return run_script(script, *flags).stdout
 
 
 RM_TINY = ["--eval-prompts", "4", "--max-steps", "2", "--batch-size", "4", "--max-new-tokens", "8"]
 
 
 @pytest.fixture(scope="module")
-def sft(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("chain") / "sft")
-    run("train_sft.py", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "96",
-        "--max-steps", "3", "--n-demos", "64", "--eval-prompts", "8", "--max-new-tokens", "8",
-        "--batch-size", "8", "--out", path)
-    return path
+def sft(tiny_chain):
+    return tiny_chain["sft"]
 
 
 def check_reward_model(path, gold):
@@ -138,6 +133,28 @@ def test_smoke_builtin_task(sft, tmp_path):
     out = run("train_rm.py", "--init", sft, "--n-prompts", "8", *RM_TINY, "--out", str(tmp_path / "rm"))
     assert "held-out accuracy: vs labels" in out
     check_reward_model(str(tmp_path / "rm"), gold=True)
+    extra = load_checkpoint(str(tmp_path / "rm"))["extra"]
+    assert set(extra["accuracy_correctness_by_kind"]) <= set(task.KINDS) and extra["models_in_memory"] == 1
+    assert all(0 <= v <= 1 for v in extra["accuracy_correctness_by_kind"].values())
+
+
+def test_ranking_stats_on_hand_values():
+    rewards = torch.tensor([[2.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    ranks = torch.tensor([[1, 0, 2], [0, 0, -1]])  # pairs (1, 0), (1, 2), (0, 2); the second prompt: a tie
+    s = ranking_stats(rewards, ranks)
+    assert s["pairs"].item() == 3 and abs(s["acc"].item() - 2 / 3) < 1e-6
+    assert abs(s["margin"].item() - ((1 - 2) + (1 - 0) + (2 - 0)) / 3) < 1e-6
+
+
+def test_correctness_only_pairs_ignore_manners():
+    g = Ranked("What is 2 + 3?", [], [[1], [2], [3]], ["Sure! 5", "Sure! 6", "Ugh. 5"], [0, 1, 2])
+    assert correctness_only_pairs(g) == [(0, 1)]  # "Ugh. 5" differs in politeness too
+
+
+def test_no_ranked_pair_is_an_error(sft, tmp_path):
+    proc = run_script("train_rm.py", "--init", sft, "--n-prompts", "8", *RM_TINY, "--k", "1",
+                      "--out", tmp_path / "rm", check=False)
+    assert proc.returncode == 2 and "--k 1: must be at least 2" in proc.stderr
 
 
 def test_smoke_pairwise_file(sft, tmp_path):
