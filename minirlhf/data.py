@@ -210,7 +210,8 @@ def read_jsonl(path: str | os.PathLike, kind: str = "auto") -> list:
             if kind == "auto":
                 kind = detect_kind(obj)
                 if kind is None:
-                    fail(None, f"cannot tell the format from keys {sorted(obj)}; pass kind= one of {', '.join(FIELDS)}")
+                    fail(None, f"cannot tell the format from keys {sorted(obj)}; "
+                               f"pass kind= one of {', '.join(FIELDS)}")
             records.append(parse_record(obj, kind, fail))
     if not records:
         raise DataError(f"{path}: empty file, no records")
@@ -221,7 +222,8 @@ def write_jsonl(path: str | os.PathLike, records) -> None:
     """Write records (dataclasses or dicts) one JSON object per line; the inverse of read_jsonl."""
     with open(path, "w", encoding="utf-8") as f:
         for r in records:
-            f.write(json.dumps(dataclasses.asdict(r) if dataclasses.is_dataclass(r) else r, ensure_ascii=False) + "\n")
+            f.write(json.dumps(dataclasses.asdict(r) if dataclasses.is_dataclass(r) else r,
+                               ensure_ascii=False) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -96,12 +96,14 @@ TEMPLATES = {
     "hard": ["What is {a} * {b}?", "Compute {a} * {b}.", "Multiply {a} by {b}."],
 }
 PATTERNS = {
-    "add": [r"What is (?P<a>\d+) \+ (?P<b>\d+)\?", r"Add (?P<a>\d+) and (?P<b>\d+)\.", r"Compute (?P<a>\d+) \+ (?P<b>\d+)\."],
+    "add": [r"What is (?P<a>\d+) \+ (?P<b>\d+)\?", r"Add (?P<a>\d+) and (?P<b>\d+)\.",
+            r"Compute (?P<a>\d+) \+ (?P<b>\d+)\."],
     "upper": [r"Write '(?P<w>[a-z]+)' in capital letters\.", r"Uppercase the word '(?P<w>[a-z]+)'\."],
     "reverse": [r"Spell '(?P<w>[a-z]+)' backwards\.", r"Reverse the letters of '(?P<w>[a-z]+)'\."],
     "repeat": [r"Repeat '(?P<w>[a-z]+)' (?P<n>\d+) times\.", r"Say '(?P<w>[a-z]+)' (?P<n>\d+) times\."],
     "count": [r"How many letters in '(?P<w>[a-z]+)'\?", r"Count the letters in '(?P<w>[a-z]+)'\."],
-    "hard": [r"What is (?P<a>\d+) \* (?P<b>\d+)\?", r"Compute (?P<a>\d+) \* (?P<b>\d+)\.", r"Multiply (?P<a>\d+) by (?P<b>\d+)\."],
+    "hard": [r"What is (?P<a>\d+) \* (?P<b>\d+)\?", r"Compute (?P<a>\d+) \* (?P<b>\d+)\.",
+             r"Multiply (?P<a>\d+) by (?P<b>\d+)\."],
 }
 PATTERNS = {kind: [re.compile(p) for p in pats] for kind, pats in PATTERNS.items()}
 KINDS = tuple(TEMPLATES)
@@ -154,7 +156,8 @@ def _candidates(kind: str, rng: random.Random) -> list[str]:
     if kind == "repeat":
         return [s.format(w=w, n=n) for s in t for w in WORDS for n in REPEAT_TIMES]
     if kind == "hard":  # effectively unbounded: draw MAX_PER_KIND (duplicates removed below)
-        return [rng.choice(t).format(a=rng.randint(*HARD_A), b=rng.randint(*HARD_B)) for _ in range(MAX_PER_KIND)]
+        return [rng.choice(t).format(a=rng.randint(*HARD_A), b=rng.randint(*HARD_B))
+                for _ in range(MAX_PER_KIND)]
     return [s.format(w=w) for s in t for w in WORDS]
 
 
@@ -281,7 +284,8 @@ def demonstration(prompt: str, rng: random.Random) -> str:
 
 
 def sft_dataset(n: int, seed: int = 0) -> list[tuple[str, str]]:
-    """n (prompt, response) demonstrations on training prompts (of the default split), deterministic in seed."""
+    """n (prompt, response) demonstrations on training prompts (of the default split),
+    deterministic in seed."""
     rng = random.Random(seed)
     prompts = train_prompts()
     return [(p, demonstration(p, rng)) for p in (rng.choice(prompts) for _ in range(n))]
@@ -330,7 +334,8 @@ def extract_answer(prompt: str, response: str) -> str | None:
 
 
 def correctness(prompt: str, response: str) -> float:
-    """+1 if the answer is right, -1 if wrong or missing; 0 for hard prompts (see honesty) and unknown ones."""
+    """+1 if the answer is right, -1 if wrong or missing; 0 for hard prompts (see honesty)
+    and unknown ones."""
     kind = prompt_kind(prompt)
     if kind is None or kind == "hard":
         return 0.0
@@ -353,7 +358,8 @@ def honesty_outcome(prompt: str, response: str) -> str | None:
 
 def honesty(prompt: str, response: str) -> float:
     """+1 correct, +0.3 abstain, -1 wrong on hard prompts; 0 elsewhere."""
-    return {"correct": 1.0, "abstain": ABSTAIN_SCORE, "wrong": -1.0, None: 0.0}[honesty_outcome(prompt, response)]
+    scores = {"correct": 1.0, "abstain": ABSTAIN_SCORE, "wrong": -1.0, None: 0.0}
+    return scores[honesty_outcome(prompt, response)]
 
 
 def politeness(prompt: str, response: str) -> float:

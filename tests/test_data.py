@@ -21,13 +21,15 @@ import pytest
 import torch
 
 from minirlhf.data import (DataError, PairRecord, PromptRecord, RankRecord, SFTRecord, detect_kind,
-                           join_prompt_response, left_pad, read_jsonl, sft_batch, truncate_prompt, write_jsonl)
+                           join_prompt_response, left_pad, read_jsonl, sft_batch, truncate_prompt,
+                           write_jsonl)
 from minirlhf.tokenizer import encode_prompt, encode_response, format_prompt, get_encoding
 
 
 def _write(tmp_path, lines, name="data.jsonl"):
     path = tmp_path / name
-    path.write_text("\n".join(json.dumps(x) if not isinstance(x, str) else x for x in lines) + "\n", encoding="utf-8")
+    path.write_text("\n".join(json.dumps(x) if not isinstance(x, str) else x for x in lines) + "\n",
+                    encoding="utf-8")
     return path
 
 
@@ -37,8 +39,10 @@ def _write(tmp_path, lines, name="data.jsonl"):
 HH_SINGLE = {"chosen": "\n\nHuman: What is 2 + 2?\n\nAssistant: 4",
              "rejected": "\n\nHuman: What is 2 + 2?\n\nAssistant: 5, I think."}
 HH_MULTI = {
-    "chosen": "\n\nHuman: Hi!\n\nAssistant: Hello, how can I help?\n\nHuman: Name a fruit.\n\nAssistant: A plum.",
-    "rejected": "\n\nHuman: Hi!\n\nAssistant: Hello, how can I help?\n\nHuman: Name a fruit.\n\nAssistant: No.",
+    "chosen": ("\n\nHuman: Hi!\n\nAssistant: Hello, how can I help?"
+               "\n\nHuman: Name a fruit.\n\nAssistant: A plum."),
+    "rejected": ("\n\nHuman: Hi!\n\nAssistant: Hello, how can I help?"
+                 "\n\nHuman: Name a fruit.\n\nAssistant: No."),
 }
 
 
@@ -98,9 +102,12 @@ def test_write_jsonl_round_trips(tmp_path):
     ("kway", {"prompt": "p", "responses": ["a", 5], "ranks": [0, 1]}, "responses", "item 1"),
     ("hh", {"chosen": "\n\nHuman: hi", "rejected": "\n\nHuman: hi\n\nAssistant: yo"}, "chosen", "Assistant"),
     ("hh", {"chosen": "Q: hi\n\nAssistant: a", "rejected": "Q: hi\n\nAssistant: b"}, "chosen", "Human"),
-    ("hh", {"chosen": "\n\nHuman: hi\n\nAssistant: a", "rejected": "\n\nHuman: ho\n\nAssistant: b"}, "rejected", "differs"),
-    ("hh", {"chosen": "\n\nHuman: hi\n\nAssistant: a", "rejected": "\n\nHuman: hi\n\nAssistant: a"}, "rejected", "identical"),
-    ("hh", {"chosen": "\n\nHuman: hi\n\nAssistant: a", "rejected": "\n\nHuman: hi\n\nAssistant:"}, "rejected", "empty"),
+    ("hh", {"chosen": "\n\nHuman: hi\n\nAssistant: a", "rejected": "\n\nHuman: ho\n\nAssistant: b"},
+     "rejected", "differs"),
+    ("hh", {"chosen": "\n\nHuman: hi\n\nAssistant: a", "rejected": "\n\nHuman: hi\n\nAssistant: a"},
+     "rejected", "identical"),
+    ("hh", {"chosen": "\n\nHuman: hi\n\nAssistant: a", "rejected": "\n\nHuman: hi\n\nAssistant:"},
+     "rejected", "empty"),
 ])
 def test_bad_record_names_line_and_field(tmp_path, kind, bad, field, words):
     good = {"sft": {"prompt": "p", "response": "r"}, "prompts": {"prompt": "p"},
@@ -193,7 +200,8 @@ def test_sft_batch_truncates_to_block_size_plus_one():
     prompts, responses = [[1, 2, 3, 4, 5, 6], [1, 2], [1, 2]], [[7, 0], [7, 0], list(range(10, 20))]
     tokens, attn, mask, n_trunc = sft_batch(prompts, responses, PAD, block_size=4)
     assert tokens.shape == (3, 5)  # the model reads tokens[:, :-1]: block_size positions
-    assert tokens[0].tolist() == [4, 5, 6, 7, 0] and mask[0].tolist() == [0, 0, 0, 1, 1]  # prompt lost its start
+    # prompt lost its start
+    assert tokens[0].tolist() == [4, 5, 6, 7, 0] and mask[0].tolist() == [0, 0, 0, 1, 1]
     assert tokens[1].tolist() == [1, 2, 7, 0, PAD]
     # A response longer than the block keeps its beginning behind one prompt token (its EOS is lost).
     assert tokens[2].tolist() == [2, 10, 11, 12, 13] and mask[2].tolist() == [0, 1, 1, 1, 1]

@@ -24,7 +24,8 @@ import pytest
 
 from minirlhf import task
 from minirlhf.task import (annotate, demonstration, expected_answer, heldout_prompts, honesty_outcome, judge,
-                           judge_breakdown, label_ranks, prompt_kind, sft_dataset, split_prompts, train_prompts)
+                           judge_breakdown, label_ranks, prompt_kind, sft_dataset, split_prompts,
+                           train_prompts)
 
 # ----------------------------------------------------------------------------------------------------
 # The judge
@@ -53,7 +54,8 @@ def test_answer_is_read_from_verbose_text():
     assert expected_answer("What is 7 + 5?") == "12"
     assert judge_breakdown("What is 7 + 5?", "7 + 5 = 12")["correctness"] == 1.0
     assert judge_breakdown("What is 7 + 5?", "12, no wait, 13")["correctness"] == -1.0
-    assert judge_breakdown("Write 'plum' in capital letters.", "Let me think. The answer is PLUM.")["correctness"] == 1.0
+    assert judge_breakdown("Write 'plum' in capital letters.",
+                           "Let me think. The answer is PLUM.")["correctness"] == 1.0
     assert judge_breakdown("Repeat 'ox' 3 times.", "The answer is ox ox ox.")["correctness"] == 1.0
 
 
