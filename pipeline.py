@@ -62,7 +62,7 @@ STAGES = [
           ("rank_loss", "sft_loss", "eval_gold_reward", "kl")),
     Stage("dpo", "train_dpo.py", "--init {out}/sft --comparisons {out}/rm/comparisons.jsonl",
           "--max-steps 2 --batch-size 2 --max-new-tokens 16 --eval-prompts 8 --monitor-prompts 4",
-          ("loss", "reward_acc", "margin", "eval_gold_reward", "kl")),
+          ("loss", "reward_acc", "reward_margin", "eval_gold_reward", "kl")),
     Stage("grpo", "train_grpo.py", "--init {out}/sft --reward-model {out}/rm",
           "--max-steps 2 --batch-size 2 --group-size 4 --minibatch-size 1 --max-new-tokens 16 "
           "--eval-prompts 8 --monitor-prompts 4", ("reward", "eval_gold_reward", "kl", "entropy")),
