@@ -469,6 +469,10 @@ if __name__ == "__main__":
     print(f"held-out accuracy: vs labels {val_metrics['acc_labels']:.4f}"
           + (f" | vs gold {val_metrics['acc_gold']:.4f}" if "acc_gold" in val_metrics else "")
           + f" | SFT-sample scores: mean {extra['reward_mean']:+.3f} std {extra['reward_std']:.3f}")
+    if not builtin:  # comparisons an earlier built-in run left here would be read by DPO's default
+        for name in ("comparisons.jsonl", "comparisons_heldout.jsonl"):
+            if os.path.exists(os.path.join(args.out, name)):
+                os.remove(os.path.join(args.out, name))
     if builtin:
         print("held-out pairs that differ in correctness alone, accuracy by kind: " + ", ".join(
             f"{k} {v:.2f} ({extra['pairs_correctness_by_kind'][k]})"
