@@ -315,6 +315,21 @@ def ppo_value_loss(
     return 0.5 * masked_mean(losses, mask)
 
 
+@torch.no_grad()
+def ppo_value_stats(values, old_values, returns, mask, clip_eps: float) -> dict[str, torch.Tensor]:
+    """Diagnostics of the value update, masked means over the (B, T) tokens; arguments as in
+    `ppo_value_loss`.
+
+    vf_clipfrac: the fraction of tokens whose clipped squared error is strictly the larger, i.e. whose
+                 value gradient the clip has set to 0;
+    value_error: the mean of V_t - G_t (the critic's bias; 0 on average once it has learned).
+    """
+    values_clipped = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
+    clipped_wins = (values_clipped - returns) ** 2 > (values - returns) ** 2
+    return {"vf_clipfrac": masked_mean(clipped_wins.to(values.dtype), mask),
+            "value_error": masked_mean(values - returns, mask)}
+
+
 # ---------------------------------------------------------------------------------------------------
 # The KL coefficient
 # ---------------------------------------------------------------------------------------------------
@@ -472,7 +487,7 @@ if __name__ == "__main__":
         # PPO update: several epochs of shuffled minibatches over the same rollout
         policy.train()
         critic.train()
-        stats = {"pg_loss": [], "vf_loss": [], "approx_kl": [], "clipfrac": []}
+        stats = {}  # per minibatch: the two losses and what their stats twins report
         for epoch in range(args.ppo_epochs):
             perm = torch.randperm(args.batch_size, generator=generator, device=device)
             for mb in perm.split(args.minibatch_size):
@@ -493,9 +508,10 @@ if __name__ == "__main__":
                 torch.nn.utils.clip_grad_norm_(critic.parameters(), args.grad_clip)
                 policy_opt.step()
                 critic_opt.step()
-                s = ppo_policy_stats(logprobs, b["logprobs"][mb], b["advantages"][mb], m, args.clip_eps)
+                s = {**ppo_policy_stats(logprobs, b["logprobs"][mb], b["advantages"][mb], m, args.clip_eps),
+                     **ppo_value_stats(values, b["values"][mb], b["returns"][mb], m, args.vf_clip_eps)}
                 for k, v in (("pg_loss", pg_loss), ("vf_loss", vf_loss), *s.items()):
-                    stats[k].append(v.item())
+                    stats.setdefault(k, []).append(v.item())
 
         # KL(pi || pi_ref) of this rollout, per response (summed over its tokens, k1); drives the controller
         kl = ((b["logprobs"] - b["ref_logprobs"]) * mask).sum(1).mean().item()

@@ -443,3 +443,20 @@ def test_fixed_kl_controller():
     ctl = FixedKLController(0.05)
     ctl.update(current_kl=100.0, n_steps=1000)
     assert ctl.value == 0.05
+
+
+def test_value_stats_count_the_tokens_the_clip_zeroes():
+    from train_ppo import ppo_value_stats
+    old = torch.zeros(1, 4, dtype=torch.float64)
+    values = torch.tensor([[0.1, 0.5, -0.5, 0.3]], dtype=torch.float64)    # moves of 0.1, 0.5, -0.5, 0.3
+    returns = torch.tensor([[1.0, 1.0, 1.0, 0.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0]])
+    s = ppo_value_stats(values, old, returns, mask, clip_eps=0.2)
+    # token 0: inside the clip; token 1: clipped to 0.2, a worse error than 0.5 -> the clip wins;
+    # token 2: clipped to -0.2, a better error than -0.5 -> the unclipped wins; token 3 is masked
+    assert s["vf_clipfrac"].item() == 1 / 3
+    assert abs(s["value_error"].item() - ((0.1 - 1) + (0.5 - 1) + (-0.5 - 1)) / 3) < 1e-12
+    # the loss's gradient is zero exactly on the tokens counted as clipped
+    values = values.clone().requires_grad_(True)
+    ppo_value_loss(values, old, returns, mask, 0.2).backward()
+    assert values.grad[0, 1] == 0 and values.grad[0, 0] != 0 and values.grad[0, 2] != 0
