@@ -13,9 +13,10 @@
 - The user's path, in subprocesses with the network cut (sockets refuse, tiktoken's cache is empty): a
   random GPT-2 folder (2 layers, width 32, GPT-2's 50,257 tokens, weights only) and ../shared's
   gpt2.tiktoken, HH-RLHF records written here (multi-turn included), through train_sft.py ->
-  train_rm.py -> train_ppo.py, train_rrhf.py, train_dpo.py -> export. The exported folder reads back
-  (the weights, and the tokenizer from its own vocab.json + merges.txt, as `train_sft.py --init` reads
-  them), evaluate scores the records' prompts without the gold judge, and chat.py answers.
+  train_rm.py -> train_ppo.py, train_rrhf.py, train_dpo.py, train_grpo.py -> export. The exported
+  folder reads back (the weights, and the tokenizer from its own vocab.json + merges.txt, as
+  `train_sft.py --init` reads them), evaluate scores the records' prompts without the gold judge, and
+  chat.py answers.
 
 Tests that need ../shared/data skip where it is absent (a user's clone).
 
@@ -275,7 +276,7 @@ def offline_env(root):
 @pytest.fixture(scope="module")
 def chain(gpt2_file, tmp_path_factory):
     """The user's path, run once: a weights-only GPT-2 folder and gpt2.tiktoken -> SFT -> RM -> PPO, RRHF,
-    DPO, each script in a subprocess with no network, then `python -m minirlhf.export` of the DPO policy
+    DPO, GRPO, each script in a subprocess with no network, then `python -m minirlhf.export` of the DPO policy
     (its main, in this process, offline too) -> {stage: folder, "data": the HH-RLHF file, "export": its
     output}."""
     root = tmp_path_factory.mktemp("interop")
@@ -290,7 +291,7 @@ def chain(gpt2_file, tmp_path_factory):
     data.write_text("".join(json.dumps({"chosen": f"\n\nHuman: {p}\n\nAssistant: {c}",
                                         "rejected": f"\n\nHuman: {p}\n\nAssistant: {r}"}) + "\n"
                             for p, c, r in HH))
-    out = {s: str(root / s) for s in ("sft", "rm", "ppo", "rrhf", "dpo", "hf")}
+    out = {s: str(root / s) for s in ("sft", "rm", "ppo", "rrhf", "dpo", "grpo", "hf")}
     run = lambda script, *flags: run_script(script, *flags, env=env).stdout
     common = ["--data", data, "--seed", "0", "--max-steps", "1", "--batch-size", "2"]
     run("train_sft.py", "--init", folder, "--tokenizer", gpt2_file, *common, "--out", out["sft"])
@@ -300,6 +301,7 @@ def chain(gpt2_file, tmp_path_factory):
     run("train_ppo.py", *rl, "--minibatch-size", "2", "--ppo-epochs", "1", "--out", out["ppo"])
     run("train_rrhf.py", *rl, "--k", "2", "--n-prompts", "2", "--out", out["rrhf"])
     run("train_dpo.py", "--init", out["sft"], *common, "--max-new-tokens", "6", "--out", out["dpo"])
+    run("train_grpo.py", *rl, "--group-size", "2", "--minibatch-size", "1", "--out", out["grpo"])
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(io.StringIO()) as printed:
         no_network(mp)
         export_main([out["dpo"], out["hf"]])

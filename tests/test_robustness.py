@@ -236,6 +236,68 @@ def test_arguments_that_cannot_work_together(tmp_path, ckpts, script, flags, fra
     assert_user_error(run_here(script, *tiny, *flags, "--out", tmp_path / "out"), *fragments)
 
 
+# Bad values caught by the one validation pass, before any model is built: (script, flags, the message).
+# A new script adds rows, not code.
+BAD_ARGUMENTS = [
+    (script, flags, fragment)
+    for script in ("train_sft.py", "train_rm.py", "train_ppo.py", "train_rrhf.py", "train_dpo.py",
+                   "train_grpo.py")
+    for flags, fragment in [
+        (["--lr", "-1"], "--lr -1.0: must be positive"),
+        (["--lr", "nan"], "--lr nan: must be a finite number"),
+        (["--device", "tpu"], "--device tpu: expected cpu, cuda, cuda:N or auto"),
+        (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "cuda:99"], "--device cuda"),
+        (["--dtype", "float16"], "--dtype float16: expected float32, bfloat16 or auto"),
+        (["--max-steps", "0"], "--max-steps 0: must be positive"),
+        (["--ckpt-interval", "-2"], "--ckpt-interval -2: must be positive"),
+        (["--threads", "-1"], "--threads -1: must be >= 0"),
+    ]
+] + [
+    ("train_sft.py", ["--n-layer", "0"], "--n-layer 0: must be positive"),
+    ("train_sft.py", ["--n-head", "3", "--n-embd", "32"], "--n-embd 32 is not a multiple of --n-head 3"),
+    ("train_sft.py", ["--n-demos", "0"], "--n-demos 0: must be positive"),
+    ("train_rm.py", ["--k", "1"], "--k 1: must be at least 2"),
+    ("train_rm.py", ["--label-temperature", "-1"], "--label-temperature -1.0: must be >= 0"),
+    ("train_rm.py", ["--eval-prompts", "0"], "--eval-prompts 0: must be positive"),
+    ("train_ppo.py", ["--temperature", "0"], "--temperature 0.0: must be positive"),
+    ("train_ppo.py", ["--clip-eps", "-1"], "--clip-eps -1.0: must be positive"),
+    ("train_ppo.py", ["--gamma", "2"], "--gamma 2.0: must be in [0, 1]"),
+    ("train_ppo.py", ["--critic-init", "ref"], "--critic-init ref: expected one of rm, sft"),
+    ("train_rrhf.py", ["--temperature", "-1"], "--temperature -1.0: must be positive"),
+    ("train_rrhf.py", ["--warmup-steps", "-5"], "--warmup-steps -5: must be >= 0"),
+    ("train_dpo.py", ["--beta", "0"], "--beta 0.0: must be positive"),
+    ("train_dpo.py", ["--label-smoothing", "0.7"], "--label-smoothing 0.7: must be in [0, 0.5]"),
+]
+
+
+@pytest.mark.parametrize("script, flags, fragment", BAD_ARGUMENTS,
+                         ids=[f"{s[6:-3]}{'-'.join(f)}" for s, f, _ in BAD_ARGUMENTS])
+def test_bad_argument_is_one_line_before_any_model(tmp_path, ckpts, script, flags, fragment):
+    # --init a folder that does not exist: a check that passed would fail later, on the missing checkpoint
+    init = [] if script == "train_sft.py" else ["--init", tmp_path / "no-such-checkpoint"]
+    assert_user_error(run_here(script, *init, *flags, "--out", tmp_path / "out"), fragment)
+
+
+def test_finished_run_is_not_overwritten_and_a_running_one_is_locked(tmp_path):
+    out = tmp_path / "sft"
+    tiny_checkpoint(out)  # a finished run
+    before = (out / "ckpt.pt").read_bytes()
+    assert_user_error(run_here("train_sft.py", *SFT_TINY, "--max-steps", "2", "--out", out),
+                      "a finished run is saved here; pass --overwrite")
+    assert (out / "ckpt.pt").read_bytes() == before
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / "run.lock").write_text(str(sleeper.pid))  # another process, alive, holds the folder
+        result = run_here("train_sft.py", *SFT_TINY, "--max-steps", "2", "--overwrite", "--out", out)
+        assert_user_error(result, f"another run (pid {sleeper.pid}) is writing to")
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    code, _, err = run_here("train_sft.py", *SFT_TINY, "--max-steps", "2", "--overwrite", "--out", out)
+    assert code == 0, err[-2000:]  # the stale lock of a dead process is taken over
+    assert (out / "ckpt.pt").read_bytes() != before
+
+
 def test_exit_status_end_to_end(tmp_path):
     """The interpreter, not just this test's stand-in, turns a user error into exit status 2 and one line."""
     data = write_lines(tmp_path / "data.jsonl", [GOOD, {"prompt": "What is 2 + 2?", "respnse": "4"}])
@@ -396,7 +458,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_checkpoints(tmp_path):
     tiny_checkpoint(out)  # the result of an earlier, good run in the same folder
     before = (out / "ckpt.pt").read_bytes()
     result = run_here("train_sft.py", *SFT_TINY, "--lr", "1e30", "--warmup-steps", "0", "--max-steps", "6",
-                      "--ckpt-interval", "1", "--out", out)
+                      "--ckpt-interval", "1", "--overwrite", "--out", out)
     line = assert_user_error(result, "loss is nan", f"the last good checkpoint in {out} stays")
     step = int(line.split("error: step ")[1].split(":")[0])
     assert (out / "ckpt.pt").read_bytes() == before

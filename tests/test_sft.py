@@ -1,0 +1,42 @@
+"""Smoke test of the SFT stage: what train_sft.py leaves behind, on the built-in task and on a JSONL file.
+
+The session's tiny chain (conftest.tiny_chain) has already run train_sft.py as a user would; this
+checks its checkpoint (a language model with its evaluation, the model count, no resume.pt or run.lock
+left), its log (the keys `sft_stats` adds), and a second run on an SFT JSONL file, which has no gold
+judge and so no gold metrics. The loss itself is tested in tests/test_sft_loss.py.
+
+Run: python -m pytest -q tests/test_sft.py
+"""
+
+import json
+import os
+
+from conftest import TINY_SFT, run_script
+from minirlhf import task
+from minirlhf.checkpoint import load_model
+from minirlhf.data import write_jsonl
+from minirlhf.model import GPT
+
+
+def test_builtin_task_checkpoint_and_log(tiny_chain):
+    sft = tiny_chain["sft"]
+    model, ck = load_model(sft)
+    assert isinstance(model, GPT) and ck["kind"] == "lm" and ck["step"] == 3 and ck["tokenizer"] == "bytes"
+    extra = ck["extra"]
+    assert extra["models_in_memory"] == 1 and extra["val_loss"] > 0 and extra["train_seconds"] > 0
+    assert set(extra["correct_rate_by_kind"]) <= set(task.KINDS) and "gold_reward_mean" in extra
+    assert sorted(os.listdir(sft)) == ["ckpt.pt", "metrics.jsonl"]  # no resume.pt, no run.lock
+    rows = [json.loads(line) for line in open(os.path.join(sft, "metrics.jsonl"))]
+    assert [r["step"] for r in rows] == [0, 2]  # every 10th step and the last
+    assert {"loss", "tokens", "token_acc", "grad_norm", "lr", "ms", "val_loss"} <= set(rows[-1])
+    assert isinstance(rows[-1]["tokens"], int) and 0 <= rows[-1]["token_acc"] <= 1
+
+
+def test_jsonl_data_has_no_gold_metrics(tmp_path):
+    data = str(tmp_path / "sft.jsonl")
+    write_jsonl(data, [{"prompt": f"What is {a} + 1?", "response": f"Sure! {a + 1}"} for a in range(8)])
+    out = str(tmp_path / "sft")
+    stdout = run_script("train_sft.py", *TINY_SFT, "--data", data, "--out", out).stdout
+    assert "data: 7 train, 1 validation demonstrations" in stdout and "held-out gold reward" not in stdout
+    _, ck = load_model(out)
+    assert "gold_reward_mean" not in ck["extra"] and ck["extra"]["val_loss"] > 0
