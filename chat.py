@@ -16,7 +16,7 @@ import torch
 
 from minirlhf import task
 from minirlhf.checkpoint import load_model
-from minirlhf.evaluate import sample_responses
+from minirlhf.sampling import sample_responses
 from minirlhf.tokenizer import load_tokenizer
 
 

@@ -44,10 +44,11 @@ from minirlhf.checkpoint import load_model, remove_resume, resume_or_start, save
 from minirlhf.cli import (Log, arg, check_device, check_dtype, check_finite, fraction, nonnegative, one_of,
                           parse_args, peak_memory_mb, positive, require)
 from minirlhf.data import left_pad, read_jsonl
-from minirlhf.evaluate import encode_prompts, evaluate, print_samples, summary_line
+from minirlhf.evaluate import evaluate, print_samples, summary_line
 from minirlhf.model import ScalarHead, generate
 from minirlhf.ops import last_index, masked_mean, masked_var, masked_whiten, token_logprobs
 from minirlhf.reward import combined_reward, load_reward_models
+from minirlhf.sampling import encode_prompts
 from minirlhf.tokenizer import decode_response, eos_id, load_tokenizer
 
 

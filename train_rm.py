@@ -59,9 +59,9 @@ from minirlhf.cli import (Log, adamw, arg, check_device, check_dtype, check_fini
                           peak_memory_mb, positive, require, warmup_cosine)
 from minirlhf.data import (PairRecord, RankRecord, join_prompt_response, read_jsonl, truncate_prompt,
                            write_jsonl)
-from minirlhf.evaluate import encode_prompts, sample_responses
 from minirlhf.model import ScalarHead
 from minirlhf.ops import gather_last
+from minirlhf.sampling import encode_prompts, sample_responses
 from minirlhf.tokenizer import encode_prompt, encode_response, eos_id, load_tokenizer
 
 

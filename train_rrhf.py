@@ -67,9 +67,10 @@ from minirlhf.checkpoint import load_model, remove_resume, resume_or_start, save
 from minirlhf.cli import (Log, adamw, arg, check_device, check_dtype, check_finite, nonnegative, parse_args,
                           peak_memory_mb, positive, require, warmup_cosine)
 from minirlhf.data import PairRecord, RankRecord, SFTRecord, join_prompt_response, read_jsonl
-from minirlhf.evaluate import encode_prompts, evaluate, print_samples, sample_responses, score, summary_line
+from minirlhf.evaluate import evaluate, print_samples, summary_line
 from minirlhf.ops import token_logprobs
 from minirlhf.reward import load_reward_models
+from minirlhf.sampling import encode_prompts, sample_responses, score
 from minirlhf.tokenizer import encode_response, eos_id, load_tokenizer
 
 

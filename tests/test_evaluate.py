@@ -14,9 +14,10 @@ import math
 import torch
 
 from minirlhf import task
-from minirlhf.evaluate import best_of_n, correct_rate_by_kind, evaluate, sample_responses, sequence_kl
+from minirlhf.evaluate import best_of_n, correct_rate_by_kind, evaluate, sequence_kl
 from minirlhf.model import GPT, GPTConfig, ScalarHead
 from minirlhf.reward import RewardModel
+from minirlhf.sampling import sample_responses
 from minirlhf.tokenizer import decode_response, encode_prompt, encode_response, get_encoding
 
 
