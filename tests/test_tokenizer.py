@@ -26,7 +26,9 @@ def test_gpt2_from_local_file(shared_data):
 def test_bytes_round_trip_any_unicode():
     enc = get_encoding("bytes")
     assert enc.n_vocab == 257 and eos_id(enc) == 256
-    for text in ["", "plain ascii", "ünïcödé ∑ 漢字", "emoji 🙂👩‍👩‍👧 flags 🇫🇷", "tabs\tand\nnewlines"]:
+    texts = ["", "plain ascii", "ünïcödé ∑ 漢字", "emoji 🙂👩‍👩‍👧 flags 🇫🇷",
+             "tabs\tand\nnewlines"]
+    for text in texts:
         ids = enc.encode_ordinary(text)
         assert ids == list(text.encode("utf-8"))
         assert enc.decode(ids) == text
