@@ -41,7 +41,7 @@ from minirlhf.tokenizer import checkpoint_fields
 
 CKPT_NAME = "ckpt.pt"
 RESUME_NAME = "resume.pt"
-KINDS = {"lm": "a language model (train_sft.py, train_ppo.py, train_rrhf.py)",
+KINDS = {"lm": "a language model (a policy: train_sft.py, or an RL stage such as train_ppo.py)",
          "scalar": "a reward model (train_rm.py)"}
 
 
@@ -91,28 +91,48 @@ def save_checkpoint(out_dir: str, model, tokenizer: str, args: dict, step: int, 
     return path
 
 
-def safe_load(path: str):
-    """torch.load with weights_only=True; any failure becomes a CheckpointError that names the file."""
+ZIP_MAGIC = b"PK\x03\x04"  # what torch.save writes: a zip archive of a pickle and the tensors' bytes
+PICKLE_MAGIC = b"\x80"     # a pickle's PROTO opcode: torch's legacy format, or a bare pickle
+
+
+def safe_load(path: str, mmap: bool = False):
+    """torch.load with weights_only=True; any failure becomes a CheckpointError that names the file.
+
+    With `mmap` the tensors stay on disk until read: a cheap look at a checkpoint's config and kind."""
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such checkpoint")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # A file that is neither of torch's formats would reach the unpickler as garbage and be refused as
+    # "unsafe": say what it is instead, and keep that word for a real pickle that holds code.
+    if not head.startswith((ZIP_MAGIC, PICKLE_MAGIC)):
+        what = "an empty file" if not head else f"its first bytes are {head!r}"
+        raise CheckpointError(f"{path}: not a torch checkpoint: neither a zip archive (what torch.save "
+                              f"writes) nor a pickle; {what}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and head == ZIP_MAGIC)
     except pickle.UnpicklingError as e:
         # weights_only refuses any object that is not plain data: a crafted pickle stops here
+        lines = [line for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        reason = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[0])
         raise CheckpointError(f"{path}: refused to load: the file holds objects other than tensors and plain "
-                              "data, which could run code when unpickled "
-                              f"({str(e).splitlines()[0]})") from None
+                              f"data, which could run code when unpickled ({reason.strip()})") from None
     except Exception as e:
         raise CheckpointError(f"{path}: cannot read the checkpoint, it is truncated or corrupt "
                               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
-def load_checkpoint(path: str) -> dict:
+def load_checkpoint(path: str, kind: str | None = None, mmap: bool = False) -> dict:
+    """The checkpoint's dict, checked to be one of ours; `kind` ("lm" or "scalar"), when given, is the
+    kind the caller needs: another one is refused. `mmap`: see `safe_load`."""
     path = ckpt_path(path)
-    ckpt = safe_load(path)
+    ckpt = safe_load(path, mmap)
     for key in ("kind", "config", "tokenizer", "model"):
         if not isinstance(ckpt, dict) or key not in ckpt:
             raise CheckpointError(f"{path}: not a minirlhf checkpoint (no {key!r})")
+    if kind is not None and ckpt["kind"] != kind:
+        raise CheckpointError(f"{path}: {KINDS.get(ckpt['kind'], repr(ckpt['kind']))}, where {KINDS[kind]} "
+                              "is needed")
     return ckpt
 
 
@@ -127,10 +147,7 @@ def build_model(ckpt: dict):
 def load_model(path: str, device="cpu", kind: str | None = None):
     """(model, ckpt) from a checkpoint folder or file; the model is on `device` in eval mode.
     `kind` ("lm" or "scalar"), when given, is the kind the caller needs: another one is refused."""
-    ckpt = load_checkpoint(path)
-    if kind is not None and ckpt["kind"] != kind:
-        raise CheckpointError(f"{ckpt_path(path)}: {KINDS.get(ckpt['kind'], repr(ckpt['kind']))}, "
-                              f"where {KINDS[kind]} is needed")
+    ckpt = load_checkpoint(path, kind)
     try:
         model = build_model(ckpt)
     except (RuntimeError, TypeError) as e:

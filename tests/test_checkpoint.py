@@ -1,5 +1,6 @@
-"""Checkpoints: a round trip gives identical logits; a truncated or crafted file gives a clear error
-naming it; an interrupted save leaves the previous checkpoint loadable.
+"""Checkpoints: a round trip gives identical logits (also read memory-mapped); a truncated or crafted file
+gives a clear error naming it, and a file that is no torch checkpoint at all (random bytes, text, empty)
+is called that, not a pickle attack; an interrupted save leaves the previous checkpoint loadable.
 
 Run: python -m pytest -q tests/test_checkpoint.py
 """
@@ -9,7 +10,7 @@ import os
 import pytest
 import torch
 
-from minirlhf.checkpoint import CheckpointError, load_model, save_checkpoint
+from minirlhf.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
 from minirlhf.model import GPT, GPTConfig, ScalarHead
 
 CFG = GPTConfig(block_size=32, vocab_size=40, n_layer=2, n_head=2, n_embd=16)
@@ -25,6 +26,9 @@ def test_round_trip_identical_logits(tmp_path):
         idx = torch.randint(0, 40, (2, 10))
         with torch.no_grad():
             assert torch.equal(model.eval()(idx), loaded(idx))
+        mapped = load_checkpoint(str(tmp_path), mmap=True)  # the config without reading the weights
+        assert mapped["config"] == ckpt["config"]
+        assert all(torch.equal(mapped["model"][k], v) for k, v in ckpt["model"].items())
 
 
 def test_truncated_file_names_the_file(tmp_path):
@@ -44,8 +48,23 @@ class Evil:
 def test_crafted_pickle_is_refused(tmp_path):
     path = tmp_path / "ckpt.pt"
     torch.save({"kind": "lm", "config": {}, "tokenizer": "bytes", "model": Evil()}, path)
-    with pytest.raises(CheckpointError, match="refused"):
+    with pytest.raises(CheckpointError, match="refused to load: the file holds objects other than tensors"):
         load_model(str(path))
+
+
+@pytest.mark.parametrize("content, words", [
+    (bytes(range(7, 256)) * 40, f"its first bytes are {bytes(range(7, 11))!r}"),  # random-looking binary
+    (b"hello, this is a text file\n", "its first bytes are b'hell'"),
+    (b"", "an empty file"),
+])
+def test_a_file_that_is_no_checkpoint_is_called_that(tmp_path, content, words):
+    path = tmp_path / "ckpt.pt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError) as e:
+        load_model(str(path))
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: not a torch checkpoint: neither a zip archive") and words in msg, msg
+    assert "refused" not in msg and "code" not in msg  # not a pickle attack
 
 
 def test_interrupted_save_keeps_previous(tmp_path, monkeypatch):
