@@ -177,11 +177,13 @@ def parse_record(obj: dict, kind: str, fail):
     return RankRecord(prompt, list(responses), list(ranks))
 
 
-def read_jsonl(path: str | os.PathLike, kind: str = "auto") -> list:
+def read_jsonl(path: str | os.PathLike, kind: str = "auto", check=None) -> list:
     """Read and validate a JSONL file of `kind` ("sft", "pairwise", "kway", "prompts", "hh", "auto").
 
     Returns a list of records; raises DataError "{path}:{lineno}: field '{field}': {problem}" at the
-    first bad record, or "{path}: ..." for a file with no records at all.
+    first bad record, or "{path}: ..." for a file with no records at all. `check(record, fail)`, when
+    given, may refuse a well-formed record the caller cannot use (see `responses_fit`) with the same
+    message. A UTF-8 byte order mark at the start of the file (as some Windows editors write) is skipped.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown data kind {kind!r}: expected one of {', '.join(KINDS)}")
@@ -196,7 +198,7 @@ def read_jsonl(path: str | os.PathLike, kind: str = "auto") -> list:
                 raise DataError(where + problem)
 
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as e:
                 fail(None, f"not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})")
             if not line.strip():
@@ -213,9 +215,37 @@ def read_jsonl(path: str | os.PathLike, kind: str = "auto") -> list:
                     fail(None, f"cannot tell the format from keys {sorted(obj)}; "
                                f"pass kind= one of {', '.join(FIELDS)}")
             records.append(parse_record(obj, kind, fail))
+            if check is not None:
+                check(records[-1], fail)
     if not records:
         raise DataError(f"{path}: empty file, no records")
     return records
+
+
+def responses(record) -> list[tuple[str, str]]:
+    """The responses a record holds, as (field, text): what a policy is trained on or scored by."""
+    if isinstance(record, SFTRecord):
+        return [("response", record.response)]
+    if isinstance(record, PairRecord):
+        return [("chosen", record.chosen), ("rejected", record.rejected)]
+    if isinstance(record, RankRecord):
+        return [("responses", r) for r in record.responses]
+    return []
+
+
+def responses_fit(encode, block_size: int):
+    """A `read_jsonl` check that refuses a record with a response longer than the context by itself.
+
+    `encode(text)` -> the response's ids, EOS included (`lambda t: encode_response(enc, t)`). Such a
+    response leaves no room for its prompt: training would see its first block_size tokens after no
+    question and never its EOS (`sft_batch`), so the record is an error, reported where it is."""
+    def check(record, fail):
+        for field, text in responses(record):
+            n = len(encode(text))
+            if n > block_size:
+                fail(field, f"a response of {n} tokens, longer by itself than the context of {block_size}: "
+                            "shorten or drop the record, or use a model with a longer context")
+    return check
 
 
 def write_jsonl(path: str | os.PathLike, records) -> None:

@@ -1,12 +1,14 @@
 """Tests for minirlhf/data.py: JSONL readers, validation errors, collation.
 
 Checked:
-- every format parses, explicitly and with kind="auto", blank lines skipped and extra keys ignored;
+- every format parses, explicitly and with kind="auto", blank lines skipped and extra keys ignored,
+  a UTF-8 byte order mark at the start of the file skipped;
   HH-RLHF dialogues (multi-turn included) split at the last assistant turn so that the chat template
   rebuilds the original dialogue exactly;
 - each kind of bad record (not JSON, not UTF-8, missing or misspelled field, wrong type, empty text,
   rank list mismatch, identical pair, HH prompts that differ, empty file) raises DataError naming the
-  file, the line number and the field;
+  file, the line number and the field; so does a response longer than the context by itself
+  (`responses_fit`, a check the caller passes);
 - a prompts record's optional "answer": read when present, None when absent or null, a non-empty
   string or a DataError;
 - collation on small hand cases: left padding, the prompt + response layout of generation, prompt
@@ -21,8 +23,8 @@ import pytest
 import torch
 
 from minirlhf.data import (DataError, PairRecord, PromptRecord, RankRecord, SFTRecord, detect_kind,
-                           join_prompt_response, left_pad, read_jsonl, sft_batch, truncate_prompt,
-                           write_jsonl)
+                           join_prompt_response, left_pad, read_jsonl, responses_fit, sft_batch,
+                           truncate_prompt, write_jsonl)
 from minirlhf.tokenizer import encode_prompt, encode_response, format_prompt, get_encoding
 
 
@@ -83,6 +85,8 @@ def test_write_jsonl_round_trips(tmp_path):
 # ----------------------------------------------------------------------------------------------------
 # Bad records
 
+GOOD_SFT = {"prompt": "What is 1 + 2?", "response": "3"}
+
 
 @pytest.mark.parametrize("kind, bad, field, words", [
     ("sft", '{"prompt": "p", "response": ', None, "not JSON"),
@@ -133,6 +137,30 @@ def test_non_utf8_and_empty_files(tmp_path):
         (tmp_path / "empty.jsonl").write_text(text)
         with pytest.raises(DataError, match="empty file"):
             read_jsonl(tmp_path / "empty.jsonl")
+
+
+def test_utf8_bom_at_the_start_is_skipped(tmp_path):
+    path = tmp_path / "bom.jsonl"  # what Notepad and Excel's "UTF-8" export write
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(GOOD_SFT).encode() + b"\n" + json.dumps(GOOD_SFT).encode())
+    assert read_jsonl(path) == [SFTRecord(**GOOD_SFT)] * 2
+
+
+@pytest.mark.parametrize("good, bad, field", [
+    # a response is encoded as its leading space, its bytes and EOS: 62 bytes fill a context of 64
+    ({"prompt": "p", "response": "x" * 62}, {"prompt": "p", "response": "x" * 63}, "response"),
+    ({"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "p", "chosen": "a", "rejected": "y" * 99},
+     "rejected"),
+    ({"prompt": "p", "responses": ["a", "b"], "ranks": [0, 1]},
+     {"prompt": "p", "responses": ["a", "z" * 70], "ranks": [0, 1]}, "responses"),
+])
+def test_a_response_longer_than_the_context_is_refused_where_it_is(tmp_path, good, bad, field):
+    enc = get_encoding("bytes")
+    check = responses_fit(lambda t: encode_response(enc, t), block_size=64)
+    assert read_jsonl(_write(tmp_path, [good]), check=check)  # 64 tokens fill the context: they fit
+    path = _write(tmp_path, [good, bad])
+    with pytest.raises(DataError, match=rf"^{path}:2: field '{field}': a response of \d+ tokens, longer by "
+                                        "itself than the context of 64"):
+        read_jsonl(path, check=check)
 
 
 def test_auto_detection_sees_through_misspellings(tmp_path):
