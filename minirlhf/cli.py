@@ -107,8 +107,9 @@ def check_dtype(dtype: str):
 def parse_args(cls, argv=None):
     """Build an argparse parser from a dataclass's fields and return an instance of it.
 
-    bool fields become --flag / --no-flag; list fields are repeatable flags (given ones replace the default).
-    From here on, user errors exit with a one-line message (see the module docstring).
+    bool fields become --flag / --no-flag; list fields are repeatable flags (given ones replace the default),
+    or the positional arguments when declared `arg(..., positional=True)`. From here on, user errors exit
+    with a one-line message (see the module docstring).
     """
     sys.excepthook = report_user_errors
     parser = argparse.ArgumentParser(description=(cls.__doc__ or "").strip().splitlines()[0])
@@ -117,10 +118,15 @@ def parse_args(cls, argv=None):
         flag = "--" + f.name.replace("_", "-")
         typ = types.get(f.type, f.type) if isinstance(f.type, str) else f.type
         help_ = f.metadata.get("help", "")
-        if typ is bool:
-            parser.add_argument(flag, default=f.default, action=argparse.BooleanOptionalAction, help=help_)
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, nargs="+", help=help_)
+        elif typ is bool:
+            parser.add_argument(flag, default=f.default, action=argparse.BooleanOptionalAction,
+                                help=f"{help_} (default: {f.default})")
         elif typ is list:
-            parser.add_argument(flag, default=None, action="append", help=f"{help_} (repeatable)")
+            default = ", ".join(map(str, f.default_factory())) or "none"
+            parser.add_argument(flag, default=None, action="append",
+                                help=f"{help_} (repeatable; default: {default})")
         else:
             parser.add_argument(flag, default=f.default, type=typ, help=f"{help_} (default: {f.default})")
     ns = vars(parser.parse_args(argv))
@@ -134,7 +140,8 @@ def parse_args(cls, argv=None):
         if isinstance(value, float) and not math.isfinite(value):
             problem = "must be a finite number"
         if problem:
-            raise UsageError(f"--{f.name.replace('_', '-')} {value}: {problem}")
+            name = "" if f.metadata.get("positional") else f"--{f.name.replace('_', '-')} "
+            raise UsageError(f"{name}{value}: {problem}")
     if getattr(args, "dtype", "auto") == "bfloat16" and getattr(args, "device", "cuda") in ("cpu", "auto"):
         import torch
         if args.device == "cpu" or not torch.cuda.is_available():
@@ -145,10 +152,11 @@ def parse_args(cls, argv=None):
     return args
 
 
-def arg(default, help: str, check=None):
+def arg(default, help: str, check=None, positional: bool = False):
     """A dataclass field with a help string and an optional check (see `positive` and its siblings):
-    `lr: float = arg(1e-3, "peak learning rate", positive)`."""
-    meta = {"help": help, "check": check}
+    `lr: float = arg(1e-3, "peak learning rate", positive)`. A `positional` list field takes the
+    command's positional arguments (one or more): `checkpoints: list = arg([], "...", positional=True)`."""
+    meta = {"help": help, "check": check, "positional": positional}
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
