@@ -16,9 +16,16 @@ Runs the rows of `STAGES` in order, each as its own process (so its wall time an
 then one evaluation of every method on the same held-out prompts and seed, and writes out/report.json,
 out/report.md (the tables), training curves as PNGs (with matplotlib) and a few sample answers per
 method side by side. Any stage's extra flags can be passed through, e.g. `--ppo "--max-steps 100"`.
+
+Every stage's flags, its extra ones included, are checked by that stage's own `Args` before the first
+stage starts: a typo in `--ppo "..."` is one line and exit status 2 now, not after SFT trained.
+A stopped pipeline (a failed stage, Ctrl-C) continues with the same command and `--resume`.
 """
 
 import argparse
+import contextlib
+import importlib
+import io
 import json
 import os
 import shlex
@@ -26,6 +33,8 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+
+from minirlhf.cli import UsageError, parse_args, report_user_errors, require
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -74,6 +83,10 @@ METHODS = [s.name for s in STAGES if s.method]
 EVAL_FAST = "--n-prompts 12 --samples-per-prompt 1 --max-new-tokens 16"
 
 
+class StageFailed(Exception):
+    """A stage's process exited with an error (it printed why)."""
+
+
 def run(name, cmd, log_dir):
     """Run a stage, streaming its output to the terminal and to out/logs/<name>.log; -> wall seconds."""
     print(f"\n=== {name}: {' '.join(shlex.quote(c) for c in cmd[1:])}", flush=True)
@@ -81,13 +94,41 @@ def run(name, cmd, log_dir):
     with open(os.path.join(log_dir, f"{name}.log"), "w") as logf:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 bufsize=1)
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            logf.write(line)
-        proc.wait()
+        try:
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                logf.write(line)
+            proc.wait()
+        except KeyboardInterrupt:  # the stage got the same Ctrl-C: let it save and say where it stopped
+            rest = proc.communicate()[0]
+            sys.stdout.write(rest)
+            logf.write(rest)
+            raise
     if proc.returncode != 0:
-        raise SystemExit(f"{name} failed (exit {proc.returncode}); its output is in {log_dir}/{name}.log")
+        raise StageFailed(f"{name} failed (exit {proc.returncode}); its output is in {log_dir}/{name}.log")
     return time.time() - t0
+
+
+def split_flags(option: str, value: str) -> list[str]:
+    try:
+        return shlex.split(value)
+    except ValueError as e:  # an unbalanced quote
+        raise UsageError(f"{option} {value!r}: {e}") from None
+
+
+def check_flags(option: str, script: str, flags: list[str]):
+    """Parse a stage's whole command line with the stage's own `Args`, as its process will: an unknown
+    flag or a bad value (the extra flags of `option`, e.g. --ppo) stops the pipeline before any stage runs."""
+    module = importlib.import_module(script[3:] if script.startswith("-m ") else script.removesuffix(".py"))
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            parse_args(module.Args, flags)
+    except SystemExit:  # argparse's own error: an unknown flag, or a value of the wrong type
+        why = err.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1]
+        raise UsageError(f"{option}: {script.removeprefix('-m ')}: {why}") from None
+    except UsageError as e:
+        raise UsageError(f"{option}: {script.removeprefix('-m ')}: {e}") from None
 
 
 def plot_curves(out):
@@ -139,6 +180,11 @@ def markdown_table(report):
             cells[[c[0] for c in COLUMNS].index("models_in_memory")] += f" ({r['models_needed']} needed)"
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     lines.append("\ngold criteria columns: each criterion's weighted share of the gold reward (their sum)")
+    k3 = {m: report[m]["kl_to_sft_k3"] for m in METHODS if "kl_to_sft_k3" in report[m]}
+    if k3:  # why a KL can read below 0, and the estimate that cannot
+        lines.append("KL to SFT is k1, the mean of log pi/pi_sft over the samples: unbiased, but its noise "
+                     "can take it below 0 near the SFT model; the never negative k3 estimate of the same KL: "
+                     + ", ".join(f"{m} {v:.2f}" for m, v in k3.items()))
     if report["best_of_n"].get("kl_to_sft_bound") is not None:
         lines.append("best-of-n's KL is the analytic log n - (n - 1)/n, an upper bound when samples repeat.")
     kinds = list(report[METHODS[0]].get("correct_rate_by_kind", {}))
@@ -165,6 +211,7 @@ def markdown_table(report):
 
 
 def main():
+    sys.excepthook = report_user_errors  # a mistake: one line and exit status 2, as in every stage
     ap = argparse.ArgumentParser(description="SFT -> reward model -> every method -> one report.",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--out", default="out", help="output folder (stages write out/sft, out/rm, ...)")
@@ -173,41 +220,66 @@ def main():
     ap.add_argument("--resume", action="store_true", help="skip the stages a stopped pipeline finished and "
                     "continue the one it stopped in (same flags)")
     for stage in STAGES:
-        ap.add_argument(f"--{stage.name.replace('_', '-')}", default="",
-                        help=f"extra flags for {stage.name}, quoted")
-    ap.add_argument("--eval", default="", help="extra flags for the final evaluation, quoted")
+        ap.add_argument(f"--{stage.name.replace('_', '-')}", default="", metavar="FLAGS",
+                        help=f"extra flags for {stage.script.removeprefix('-m ')} ({stage.name}), quoted")
+    ap.add_argument("--eval", default="", metavar="FLAGS",
+                    help="extra flags for the final evaluation (minirlhf.evaluate), quoted")
     args = ap.parse_args()
     out = args.out
-    log_dir = os.path.join(out, "logs")
-    os.makedirs(log_dir, exist_ok=True)
+    require(not os.path.isfile(out), f"--out {out}: a file, where a folder is needed")
     p = lambda *parts: os.path.join(out, *parts)
-    eval_flags = (EVAL_FAST.split() if args.fast else []) + shlex.split(args.eval)
-
-    t_total = time.time()
     walls_path = p("logs", "wall_seconds.json")  # each finished stage's wall time, kept for --resume
     wall = json.load(open(walls_path)) if args.resume and os.path.exists(walls_path) else {}
+    prog = os.path.basename(sys.argv[0])
+    resume_cmd = f"python {shlex.join([prog, *sys.argv[1:]])}" + ("" if args.resume else " --resume")
+
+    # Every command, checked before the first one runs.
+    commands = {}
     for stage in STAGES:
         script = stage.script.endswith(".py")
         result = p(stage.name, "ckpt.pt") if script else p(f"{stage.name}.json")
         if args.resume and stage.name in wall and os.path.exists(result):
-            print(f"\n=== {stage.name}: finished in an earlier run ({result}), skipped", flush=True)
+            print(f"=== {stage.name}: finished in an earlier run ({result}), skipped", flush=True)
             continue
-        cmd = [sys.executable, *stage.script.split(), *shlex.split(stage.inputs.format(out=out))]
+        option = f"--{stage.name.replace('_', '-')}"
+        extra = getattr(args, stage.name)
+        flags = [*shlex.split(stage.inputs.format(out=out))]
         if script:
-            cmd += ["--out", p(stage.name), "--seed", str(args.seed)]
+            flags += ["--out", p(stage.name), "--seed", str(args.seed)]
             # continue the stage a stopped pipeline left unfinished; replace what an earlier pipeline wrote
-            resumable = args.resume and os.path.exists(p(stage.name, "resume.pt"))
-            cmd.append("--resume" if resumable else "--overwrite")
-        cmd += (stage.fast.split() if args.fast else []) + shlex.split(getattr(args, stage.name))
-        wall[stage.name] = run(stage.name, cmd, log_dir)
-        with open(walls_path, "w") as f:
-            json.dump(wall, f)
-    # one evaluation of every trained method: the same held-out prompts and sampling seed for all
+            unfinished = os.path.exists(p(stage.name, "resume.pt"))
+            require(args.resume or not unfinished, f"{p(stage.name, 'resume.pt')}: a stopped pipeline's "
+                    f"unfinished {stage.name} stage is saved here; continue it with `{resume_cmd}`, or "
+                    "delete it (or choose another --out) to start over")
+            flags.append("--resume" if unfinished else "--overwrite")
+        flags += (stage.fast.split() if args.fast else []) + split_flags(option, extra)
+        check_flags(f"{option} {extra!r}", stage.script, flags)
+        commands[stage.name] = [sys.executable, *stage.script.split(), *flags]
     trained = [m for m in METHODS if m != "best_of_n"]
-    run("evaluate", [sys.executable, "-m", "minirlhf.evaluate", *[p(m) for m in trained],
-                     "--json", p("eval.json"), "--samples-json", p("samples.json"), "--reward-model", p("rm"),
-                     "--ref", p("sft"), "--greedy",
-                     *eval_flags], log_dir)
+    eval_flags = [*[p(m) for m in trained], "--json", p("eval.json"), "--samples-json", p("samples.json"),
+                  "--reward-model", p("rm"), "--ref", p("sft"), "--greedy",
+                  *(EVAL_FAST.split() if args.fast else []), *split_flags("--eval", args.eval)]
+    check_flags(f"--eval {args.eval!r}", "-m minirlhf.evaluate", eval_flags)
+    commands["evaluate"] = [sys.executable, "-m", "minirlhf.evaluate", *eval_flags]
+
+    log_dir = p("logs")
+    os.makedirs(log_dir, exist_ok=True)
+    t_total = time.time()
+    name = None
+    try:
+        for name, cmd in commands.items():
+            seconds = run(name, cmd, log_dir)
+            if name != "evaluate":
+                wall[name] = seconds
+                with open(walls_path, "w") as f:
+                    json.dump(wall, f)
+    except StageFailed as e:  # the stage printed why; say how to go on
+        print(f"{prog}: error: {e}; once that is fixed, the same command with --resume continues from it "
+              "and skips the stages before it", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted in {name}; `{resume_cmd}` continues from it", file=sys.stderr)
+        sys.exit(130)
 
     # ---- the report -------------------------------------------------------------------------------
     from minirlhf.checkpoint import load_checkpoint

@@ -3,8 +3,10 @@
     python -m minirlhf.evaluate out/sft out/ppo --reward-model out/rm --ref out/sft
 
 scores each checkpoint on the built-in task's held-out prompts: mean gold reward with its standard
-error, mean reward-model score, KL to the SFT model, mean response length, and on the honesty
-questions the rates of correct, abstained and wrong answers. The same seed gives the same numbers.
+error, mean reward-model score, KL to the SFT model (two estimates, k1 and the never negative k3: see
+`sequence_kl`), mean response length, and on the honesty questions the rates of correct, abstained and
+wrong answers. The same seed gives the same numbers. Every argument is checked against the checkpoints
+before any model is built; a mistake is one line and exit status 2.
 
     python -m minirlhf.evaluate out/ppo --prompts prompts.jsonl --reward-model out/rm --ref out/sft
 
@@ -12,39 +14,54 @@ scores it on your prompts instead: what needs no gold judge (reward-model score,
 response length, EOS rate); the gold metrics need the built-in task, whose prompts the judge knows.
 """
 
-import argparse
 import json
 import math
-import sys
+import os
+from dataclasses import dataclass
 
 import torch
 
 from minirlhf import task
-from minirlhf.data import join_prompt_response
+from minirlhf.checkpoint import CheckpointError, load_checkpoint, load_model
+from minirlhf.cli import UsageError, arg, nonnegative, parse_args, peak_memory_mb, positive, require
+from minirlhf.data import join_prompt_response, read_jsonl
 from minirlhf.ops import token_logprobs
 from minirlhf.reward import load_reward_models
 from minirlhf.sampling import encode_prompts, sample_responses, score
-from minirlhf.tokenizer import eos_id
+from minirlhf.tokenizer import eos_id, load_tokenizer
 
 
 @torch.no_grad()
 def sequence_kl(policy, ref, enc, prompts, responses, max_len, batch_size=64, temperature=1.0, device="cpu"):
-    """Per-sample KL estimate sum_t [log pi_T(y_t) - log pi_ref,T(y_t)] over response tokens sampled from
-    pi_T, the policy at `temperature` T (k1: an unbiased estimate of KL(pi_T || pi_ref,T) per sequence).
+    """Two per-sample estimates of KL(pi_T || pi_ref,T) from responses sampled from pi_T, the policy at
+    `temperature` T -> (k1, k3), each (N,).
 
-    Both models are taken at the temperature the samples were drawn at (logits / T): the estimate is
+    With d_t = log pi_T(y_t) - log pi_ref,T(y_t) on the response tokens y_t (EOS included):
+
+        k1 = sum_t d_t                       one sample, or the mean of a few, can be negative
+        k3 = sum_t (r_t - 1) - log r_t       never negative, r_t = pi_ref,T(y_t) / pi_T(y_t) = exp(-d_t)
+
+    Both are unbiased, since k3 adds to k1 the control variate r_t - 1, whose mean over y_t ~ pi_T given
+    the tokens before it is sum_y pi_ref,T(y) - 1 = 0; and k3 is never negative, since (r - 1) - log r
+    >= 0 for every r > 0 (Schulman 2020, "Approximating KL Divergence"). So a negative k1 mean is noise,
+    and k3, of lower variance near the reference, is the one to read there.
+
+    Both models are taken at the temperature the samples were drawn at (logits / T): the estimates are
     only unbiased under the distribution that produced the tokens, and comparing with the reference at
-    the same T asks how far training moved the sampler, not how far T moved it. A single k1 term can be
-    negative; its mean over many samples is not, up to noise."""
-    out = []
+    the same T asks how far training moved the sampler, not how far T moved it."""
+    k1, k3 = [], []
     for i in range(0, len(prompts), batch_size):
         p_ids, _ = encode_prompts(enc, prompts[i:i + batch_size], max_len)
         idx, attn, resp = join_prompt_response(p_ids, responses[i:i + batch_size], eos_id(enc))
         idx, attn, resp = idx.to(device), attn.to(device), resp.to(device)
         lp = token_logprobs(policy(idx, attn).float() / temperature, idx)
         ref_lp = token_logprobs(ref(idx, attn).float() / temperature, idx)
-        out.append(((lp - ref_lp) * resp).sum(1).cpu())
-    return torch.cat(out)
+        d = lp - ref_lp                                                          # (B, T)
+        k1.append((d * resp).sum(1).cpu())
+        # expm1: for a policy close to its reference, exp(-d) - 1 in float32 loses the d**2 / 2 that k3
+        # is made of; the clamp removes the last-bit rounding that could still dip below 0
+        k3.append(((torch.expm1(-d) + d).clamp_min(0) * resp).sum(1).cpu())
+    return torch.cat(k1), torch.cat(k3)
 
 
 def mean_sem(xs):
@@ -143,8 +160,8 @@ def evaluate(model, enc, prompts, max_new_tokens, rms=None, ref=None, samples_pe
         r = score(rms, enc, prompts, ids, max_prompt, batch_size, device)
         metrics["rm_reward_mean"] = r.mean().item()
     if ref is not None:
-        kl = sequence_kl(model, ref, enc, prompts, ids, max_prompt, batch_size, temperature, device)
-        metrics["kl_to_sft"] = kl.mean().item()
+        k1, k3 = sequence_kl(model, ref, enc, prompts, ids, max_prompt, batch_size, temperature, device)
+        metrics["kl_to_sft"], metrics["kl_to_sft_k3"] = k1.mean().item(), k3.mean().item()
     return metrics, list(zip(prompts, texts, gold))
 
 
@@ -177,39 +194,70 @@ def best_of_n(model, enc, prompts, max_new_tokens, rms, n, samples_per_prompt=1,
     return metrics, list(zip(prompts, texts, gold))
 
 
-def main(argv=None):
-    from minirlhf.checkpoint import load_model
-    from minirlhf.cli import peak_memory_mb
-    from minirlhf.data import read_jsonl
-    from minirlhf.tokenizer import load_tokenizer
+@dataclass
+class Args:
+    """Score checkpoints on the built-in task's held-out prompts (or on --prompts)."""
+    checkpoints: list = arg([], "policy checkpoint folders (out/sft, out/ppo, ...)", positional=True)
+    prompts: str = arg("", "JSONL with a 'prompt' per record (your data), instead of the built-in task's: "
+                       "reward-model score, KL, length and EOS rate, no gold metrics")
+    reward_model: list = arg([], "PATH[:WEIGHT] of a reward model, for rm_reward_mean")
+    ref: str = arg("", "reference (SFT) checkpoint, for kl_to_sft (k1) and kl_to_sft_k3")
+    n_prompts: int = arg(300, "prompts to evaluate on, from the start of the list (the built-in task holds "
+                         "300 held-out ones)", positive)
+    samples_per_prompt: int = arg(2, "samples per prompt", positive)
+    max_new_tokens: int = arg(48, "response length limit in tokens", positive)
+    temperature: float = arg(1.0, "sampling temperature (the KL is taken at the same one)", positive)
+    seed: int = arg(0, "sampling seed: the same seed gives the same numbers")
+    best_of_n: int = arg(0, "evaluate best-of-n sampling with the reward model instead (0: off)", nonnegative)
+    greedy: bool = arg(False, "also the per-kind correct rate of greedy answers")
+    json: str = arg("", "also write the metrics here")
+    samples_json: str = arg("", "write the samples here ('': beside --json)")
 
-    ap = argparse.ArgumentParser(description="Score checkpoints on the built-in task's held-out prompts "
-                                 "(or on --prompts).")
-    ap.add_argument("checkpoints", nargs="+", help="policy checkpoint folders (out/sft, out/ppo, ...)")
-    ap.add_argument("--prompts", default="", help="JSONL with a 'prompt' per record (your data), instead of "
-                    "the built-in task's: reward-model score, KL, length and EOS rate, no gold metrics")
-    ap.add_argument("--reward-model", action="append", default=[],
-                    help="PATH[:WEIGHT] for rm_reward_mean (repeatable)")
-    ap.add_argument("--ref", default="", help="reference (SFT) checkpoint for kl_to_sft")
-    ap.add_argument("--n-prompts", type=int, default=300)
-    ap.add_argument("--samples-per-prompt", type=int, default=2)
-    ap.add_argument("--max-new-tokens", type=int, default=48)
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--best-of-n", type=int, default=0,
-                    help="evaluate best-of-n sampling with the reward model instead")
-    ap.add_argument("--greedy", action="store_true", help="also the per-kind correct rate of greedy answers")
-    ap.add_argument("--json", default="", help="also write the metrics here")
-    ap.add_argument("--samples-json", default="", help="write the samples here (default: beside --json)")
-    args = ap.parse_args(argv)
+
+def check_args(args) -> dict:
+    """Every argument against every checkpoint, before any model is built -> {path: the policy's ckpt}
+    (memory-mapped: its config, kind and tokenizer are read, its weights are not)."""
+    require(not args.best_of_n or args.reward_model, f"--best-of-n {args.best_of_n}: needs --reward-model")
+    require(not (args.best_of_n and args.greedy), "--greedy: not measured with --best-of-n")
+    for flag, path in (("--json", args.json), ("--samples-json", args.samples_json)):
+        folder = os.path.dirname(os.path.abspath(path))
+        require(not path or os.path.isdir(folder), f"{flag} {path}: no such folder {folder}")
+    policies = {path: load_checkpoint(path, kind="lm", mmap=True) for path in args.checkpoints}
+    tokenizers = sorted({ck["tokenizer"] for ck in policies.values()})
+    require(len(tokenizers) == 1 or not (args.reward_model or args.ref), "checkpoints with tokenizers "
+            f"{' and '.join(tokenizers)}: one --reward-model or --ref cannot read both")
+    for path, ck in policies.items():
+        block_size = ck["config"]["block_size"]
+        require(args.max_new_tokens < block_size, f"--max-new-tokens {args.max_new_tokens}: must leave room "
+                f"for a prompt in the context of {block_size} tokens of {path}")
+    if args.ref and not args.best_of_n:
+        try:
+            ref = load_checkpoint(args.ref, kind="lm", mmap=True)
+        except CheckpointError as e:
+            raise UsageError(f"--ref {e}") from None
+        for path, ck in policies.items():  # the reference scores the policy's token ids, whole
+            require(ref["tokenizer"] == ck["tokenizer"], f"--ref {args.ref}: tokenizer {ref['tokenizer']!r}, "
+                    f"the policy {path} {ck['tokenizer']!r}")
+            require(ref["config"]["block_size"] >= ck["config"]["block_size"],
+                    f"--ref {args.ref}: reads {ref['config']['block_size']} tokens, shorter than the context "
+                    f"of {path} ({ck['config']['block_size']})")
+    return policies
+
+
+def main(argv=None):
+    args = parse_args(Args, argv)
+    policies = check_args(args)
     prompts = [r.prompt for r in read_jsonl(args.prompts)] if args.prompts else task.heldout_prompts()
+    first = next(iter(policies.values()))
+    rms = load_reward_models(args.reward_model, tokenizer=first["tokenizer"],
+                             block_size=max(ck["config"]["block_size"] for ck in policies.values()))
+    if args.n_prompts > len(prompts):
+        print(f"note: --n-prompts {args.n_prompts}: {args.prompts or 'the built-in task'} holds "
+              f"{len(prompts)} prompts; evaluating on all of them")
     prompts = prompts[: args.n_prompts]
     if args.prompts:
         print(f"{args.prompts}: {len(prompts)} prompts; gold metrics need the built-in task's judge, so only "
               "rm_reward_mean (--reward-model), kl_to_sft (--ref), response length and eos_rate are measured")
-    rms = load_reward_models(args.reward_model)
-    if args.best_of_n and not rms:
-        ap.error("--best-of-n needs --reward-model")
     ref = load_model(args.ref)[0] if args.ref and not args.best_of_n else None  # best-of-n's KL is analytic
     results, all_samples = {}, {}
     for path in args.checkpoints:
@@ -242,7 +290,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from minirlhf.cli import report_user_errors
-    # a bad checkpoint path: one line and exit status 2, as in the stage scripts
-    sys.excepthook = report_user_errors
     main()

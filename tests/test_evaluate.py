@@ -1,10 +1,13 @@
 """The evaluation's own measurements against independent references.
 
-- `sequence_kl` at temperature T is the summed log-ratio of the two models' temperature-T
-  distributions on the sampled tokens (a float64 softmax per position as the reference); at T = 1 it is
-  the plain log-ratio, and a model against itself gives exactly 0.
+- `sequence_kl` at temperature T: its k1 is the summed log-ratio of the two models' temperature-T
+  distributions on the sampled tokens, its k3 the summed (r - 1) - log r, r = pi_ref / pi (a float64
+  softmax per position as the reference for both); k3 is never negative where k1 is; a model against
+  itself gives exactly 0; and both are unbiased: weighted by the policy's probability of every possible
+  one-token response, each equals the exact KL of that position.
 - `correct_rate_by_kind` on hand-graded answers; `evaluate(..., greedy=True)` adds the greedy rates.
 - best-of-n reports its analytic KL as an upper bound (`kl_to_sft_bound`).
+- the pipeline's report explains why its k1 "KL to SFT" can read below 0, and shows k3 beside it.
 
 Run: python -m pytest -q tests/test_evaluate.py
 """
@@ -27,16 +30,19 @@ def tiny(seed):
 
 
 def naive_kl(policy, ref, enc, prompt, response, T):
-    """sum over response tokens of log softmax(z / T)[y] - log softmax(z_ref / T)[y], float64, one row."""
+    """(k1, k3) of one row, float64: the sums over response tokens y of d = log softmax(z / T)[y] -
+    log softmax(z_ref / T)[y] and of r - 1 - log r with r = exp(-d)."""
     p, r = encode_prompt(enc, prompt), encode_response(enc, response)
     ids = torch.tensor([p + r])
     with torch.no_grad():
         z, z_ref = policy(ids)[0].double(), ref(ids)[0].double()
-    total = 0.0
+    k1 = k3 = 0.0
     for t in range(len(p), len(p) + len(r)):  # token t is scored by the logits at t - 1
         y = ids[0, t]
-        total += (torch.log_softmax(z[t - 1] / T, -1)[y] - torch.log_softmax(z_ref[t - 1] / T, -1)[y]).item()
-    return total
+        d = (torch.log_softmax(z[t - 1] / T, -1)[y] - torch.log_softmax(z_ref[t - 1] / T, -1)[y]).item()
+        ratio = math.exp(-d)
+        k1, k3 = k1 + d, k3 + ratio - 1 - math.log(ratio)
+    return k1, k3
 
 
 def test_sequence_kl_is_taken_at_the_sampling_temperature():
@@ -45,13 +51,50 @@ def test_sequence_kl_is_taken_at_the_sampling_temperature():
     responses = ["Sure! 5", "tac"]
     ids = [encode_response(enc, r) for r in responses]
     for T in (1.0, 0.5, 1.7):
-        kl = sequence_kl(policy, ref, enc, prompts, ids, 48, temperature=T)
-        for k, p, r in zip(kl, prompts, responses):
-            assert math.isclose(k.item(), naive_kl(policy, ref, enc, p, r, T), rel_tol=1e-4, abs_tol=1e-4)
-    assert (sequence_kl(policy, policy, enc, prompts, ids, 48, temperature=0.5) == 0).all()
+        k1, k3 = sequence_kl(policy, ref, enc, prompts, ids, 48, temperature=T)
+        for a1, a3, p, r in zip(k1, k3, prompts, responses):
+            n1, n3 = naive_kl(policy, ref, enc, p, r, T)
+            assert math.isclose(a1.item(), n1, rel_tol=1e-4, abs_tol=1e-4)
+            assert math.isclose(a3.item(), n3, rel_tol=1e-4, abs_tol=1e-4)
+    assert all((k == 0).all() for k in sequence_kl(policy, policy, enc, prompts, ids, 48, temperature=0.5))
     # the temperature matters: at T = 0.5 the log-ratio is not the T = 1 one
-    assert not torch.allclose(sequence_kl(policy, ref, enc, prompts, ids, 48, temperature=0.5),
-                              sequence_kl(policy, ref, enc, prompts, ids, 48))
+    assert not torch.allclose(sequence_kl(policy, ref, enc, prompts, ids, 48, temperature=0.5)[0],
+                              sequence_kl(policy, ref, enc, prompts, ids, 48)[0])
+
+
+def test_k3_is_never_negative_where_k1_is():
+    policy, ref, enc = tiny(0), tiny(1), get_encoding("bytes")
+    texts = ["Sure! 5", "tac", "4", "I don't know.", "PLUM", "no", "Of course! 12", "x"]
+    prompts = ["What is 2 + 3?"] * len(texts)
+    k1, k3 = sequence_kl(policy, ref, enc, prompts, [encode_response(enc, t) for t in texts], 48)
+    assert (k1 < 0).any() and (k3 >= 0).all()  # these samples were not drawn from the policy: k1 < 0 shows
+    for a3, t in zip(k3, texts):
+        assert math.isclose(a3.item(), naive_kl(policy, ref, enc, prompts[0], t, 1.0)[1], rel_tol=1e-4)
+
+
+def test_k1_and_k3_are_unbiased_exactly_over_one_token():
+    """Both estimators weighted by pi(y) over every one-token response y: the exact KL at that position,
+    sum_y pi(y) log(pi(y) / pi_ref(y)), float64."""
+    policy, ref, enc = tiny(0), tiny(1), get_encoding("bytes")
+    prompt = "What is 2 + 3?"
+    ids = torch.tensor([encode_prompt(enc, prompt)])
+    with torch.no_grad():
+        logp = torch.log_softmax(policy(ids)[0, -1].double(), -1)
+        logq = torch.log_softmax(ref(ids)[0, -1].double(), -1)
+    exact = (logp.exp() * (logp - logq)).sum().item()
+    k1, k3 = sequence_kl(policy, ref, enc, [prompt] * enc.n_vocab, [[y] for y in range(enc.n_vocab)], 48)
+    weights = logp.exp()
+    assert exact > 0.01
+    assert math.isclose((weights * k1.double()).sum().item(), exact, rel_tol=1e-4)
+    assert math.isclose((weights * k3.double()).sum().item(), exact, rel_tol=1e-4)
+
+
+def test_the_report_shows_k3_beside_a_negative_k1():
+    from pipeline import METHODS, markdown_table
+    report = {m: {"kl_to_sft": -0.01, "kl_to_sft_k3": 0.02} for m in METHODS}
+    report["rm"] = {"accuracy_vs_gold": 0.8, "accuracy_vs_labels": 0.7}
+    note = next(line for line in markdown_table(report).splitlines() if line.startswith("KL to SFT is k1"))
+    assert "below 0" in note and note.endswith(", ".join(f"{m} 0.02" for m in METHODS))
 
 
 def test_correct_rate_by_kind_on_hand_graded_answers():
