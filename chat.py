@@ -5,19 +5,34 @@
     python chat.py out/sft out/ppo "Spell 'owl' backwards." --samples 3   # compare checkpoints
 
 Each answer is sampled with the stage scripts' template and sampler (temperature 1 by default, as the
-evaluation samples); on the built-in task's prompts the gold judge's score is printed beside it.
+evaluation samples); on the built-in task's prompts the gold judge's score is printed beside it. Every
+argument is checked against every checkpoint before a model is built; a mistake is one line and exit 2.
 """
 
-import argparse
 import os
 import sys
+from dataclasses import dataclass
 
 import torch
 
 from minirlhf import task
-from minirlhf.checkpoint import load_model
+from minirlhf.checkpoint import load_checkpoint, load_model
+from minirlhf.cli import arg, parse_args, positive, require
 from minirlhf.sampling import sample_responses
 from minirlhf.tokenizer import load_tokenizer
+
+
+@dataclass
+class Args:
+    """Sample answers from one or more checkpoints."""
+    checkpoints: list = arg([], "checkpoint folders (out/sft, out/ppo, ...), then optionally the prompt; "
+                            "without one, prompts are read from stdin, one per line", positional=True)
+    samples: int = arg(1, "answers per checkpoint and prompt", positive)
+    temperature: float = arg(1.0, "sampling temperature", positive)
+    greedy: bool = arg(False, "the most likely answer instead of a sample (--temperature is then unused)")
+    max_new_tokens: int = arg(48, "answer length limit in tokens; must leave room for a prompt in the "
+                              "checkpoint's context", positive)
+    seed: int = arg(0, "random seed of the sampler")
 
 
 def answer(models, prompt, args, generator):
@@ -30,23 +45,19 @@ def answer(models, prompt, args, generator):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Sample answers from one or more checkpoints.")
-    ap.add_argument("args", nargs="+", help="checkpoint folder(s), then optionally the prompt")
-    ap.add_argument("--samples", type=int, default=1, help="answers per checkpoint")
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--greedy", action="store_true", help="the most likely answer instead of a sample")
-    ap.add_argument("--max-new-tokens", type=int, default=48)
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-    paths, prompt = args.args, None
+    args = parse_args(Args, argv)
+    paths, prompt = args.checkpoints, None
     if len(paths) > 1 and not os.path.exists(paths[-1]):  # the last argument is a prompt, not a checkpoint
         paths, prompt = paths[:-1], paths[-1]
+    for path in paths:  # every checkpoint is checked, and fits --max-new-tokens, before any model is built
+        require(os.path.exists(path), f"{path}: no such checkpoint; the arguments are checkpoint folders, "
+                "then optionally one prompt in quotes: chat.py out/sft \"What is 2 + 3?\"")
+        block_size = load_checkpoint(path, kind="lm", mmap=True)["config"]["block_size"]
+        require(args.max_new_tokens < block_size, f"--max-new-tokens {args.max_new_tokens}: must leave room "
+                f"for a prompt in the context of {block_size} tokens of {path}")
     models = {}
     for path in paths:
-        model, ck = load_model(path)
-        if ck["kind"] != "lm":
-            raise SystemExit(f"{path}: a {ck['kind']} checkpoint cannot answer; pass a policy "
-                             "(out/sft, out/ppo, ...)")
+        model, ck = load_model(path, kind="lm")
         models[path] = (model, load_tokenizer(ck))
     generator = torch.Generator().manual_seed(args.seed)
     if prompt is not None:
@@ -54,9 +65,12 @@ def main(argv=None):
         return
     if sys.stdin.isatty():
         print("a prompt per line; Ctrl-D to quit. Try: What is 4821 * 937?")
-    for line in sys.stdin:
-        if line.strip():
-            answer(models, line.strip(), args, generator)
+    try:
+        for line in sys.stdin:
+            if line.strip():
+                answer(models, line.strip(), args, generator)
+    except KeyboardInterrupt:  # Ctrl-C quits too: there is nothing to save
+        sys.exit(130)
 
 
 if __name__ == "__main__":
