@@ -31,6 +31,7 @@ import re
 import runpy
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -52,19 +53,26 @@ RRHF_TINY = ["--rounds", "2", "--max-steps", "4", "--batch-size", "2", "--k", "2
 
 
 def run_here(script, *flags):
-    """Run a stage script in this process -> (exit status, stdout, stderr).
+    """Run a script (or "-m module") in this process -> (exit status, stdout, stderr).
 
     An exception that escapes the script goes to sys.excepthook, exactly as the interpreter would pass it;
     the script's own hook (installed by parse_args) decides the exit status and what stderr shows.
     """
     argv, hook = sys.argv, sys.excepthook
     out, err = io.StringIO(), io.StringIO()
-    sys.argv = [os.path.join(ROOT, script), *map(str, flags)]
+    module = script[3:] if script.startswith("-m ") else None
+    path = os.path.join(ROOT, *module.split(".")) + ".py" if module else os.path.join(ROOT, script)
+    sys.argv = [path, *map(str, flags)]
     code = 0
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                runpy.run_path(sys.argv[0], run_name="__main__")
+                if module:
+                    with warnings.catch_warnings():  # "found in sys.modules": this process imported it
+                        warnings.simplefilter("ignore", RuntimeWarning)
+                        runpy.run_module(module, run_name="__main__")
+                else:
+                    runpy.run_path(path, run_name="__main__")
             except SystemExit as e:
                 code = e.code
             except Exception as e:  # what the interpreter does with an exception nothing caught
@@ -106,7 +114,8 @@ def ckpts(tmp_path_factory):
     return dict(sft=tiny_checkpoint(d / "sft"), rm=tiny_checkpoint(d / "rm", "scalar", seed=1),
                 sft_gpt2=tiny_checkpoint(d / "sft_gpt2", tokenizer="gpt2"),
                 rm_gpt2=tiny_checkpoint(d / "rm_gpt2", "scalar", tokenizer="gpt2"),
-                rm_short=tiny_checkpoint(d / "rm_short", "scalar", block_size=32))
+                rm_short=tiny_checkpoint(d / "rm_short", "scalar", block_size=32),
+                junk=write_lines(d / "junk.pt", [bytes(range(7, 256)) * 4]))  # binary, not a checkpoint
 
 
 def write_lines(path, lines):
@@ -276,6 +285,85 @@ def test_bad_argument_is_one_line_before_any_model(tmp_path, ckpts, script, flag
     # --init a folder that does not exist: a check that passed would fail later, on the missing checkpoint
     init = [] if script == "train_sft.py" else ["--init", tmp_path / "no-such-checkpoint"]
     assert_user_error(run_here(script, *init, *flags, "--out", tmp_path / "out"), fragment)
+
+
+# The commands around the stages (chat, evaluate, the pipeline), and a file that is no checkpoint: one line
+# and exit status 2, before any model is built. In the flags, {sft} and {rm} are tiny checkpoints with a
+# context of 64, {junk} a binary file, {tmp} the test's folder. A new misuse adds a row, not code.
+EVALUATE = "-m minirlhf.evaluate"
+MISUSES = [
+    ("chat.py", ["{sft}", "hi", "--samples", "0"], "--samples 0: must be positive"),
+    ("chat.py", ["{sft}", "hi", "--max-new-tokens", "1000"],
+     "--max-new-tokens 1000: must leave room for a prompt in the context of 64 tokens of {sft}"),
+    ("chat.py", ["{tmp}/nope", "hi"], "{tmp}/nope: no such checkpoint"),
+    ("chat.py", ["hello"], "hello: no such checkpoint; the arguments are checkpoint folders, then"),
+    ("chat.py", ["{sft}", "hello", "again"], "hello: no such checkpoint"),  # a stray word before the prompt
+    ("chat.py", ["{sft}", "hi", "--temperature", "0"], "--temperature 0.0: must be positive"),
+    ("chat.py", ["{sft}", "hi", "--temperature", "-1"], "--temperature -1.0: must be positive"),
+    ("chat.py", ["{rm}", "hi"], "{rm}/ckpt.pt: a reward model (train_rm.py), where a language model"),
+    ("chat.py", ["{junk}", "hi"], "{junk}: not a torch checkpoint: neither a zip archive"),
+    (EVALUATE, ["{sft}", "--n-prompts", "0"], "--n-prompts 0: must be positive"),
+    (EVALUATE, ["{rm}"], "{rm}/ckpt.pt: a reward model (train_rm.py), where a language model"),
+    (EVALUATE, ["{sft}", "--ref", "{rm}"], "--ref {rm}/ckpt.pt: a reward model"),
+    (EVALUATE, ["{sft}", "--max-new-tokens", "500"], "--max-new-tokens 500: must leave room for a prompt"),
+    (EVALUATE, ["{sft}", "--reward-model", "{sft}"], "where a reward model (train_rm.py) is needed"),
+    (EVALUATE, ["{sft}", "--best-of-n", "4"], "--best-of-n 4: needs --reward-model"),
+    (EVALUATE, ["{sft}", "--best-of-n", "-1"], "--best-of-n -1: must be >= 0"),
+    (EVALUATE, ["{sft}", "--json", "{tmp}/no/eval.json"], "--json {tmp}/no/eval.json: no such folder"),
+    (EVALUATE, ["{sft}", "--temperature", "nan"], "--temperature nan: must be a finite number"),
+    ("pipeline.py", ["--out", "{tmp}/out", "--ppo", "--lr -1"],
+     "--ppo '--lr -1': train_ppo.py: --lr -1.0: must be positive"),
+    ("pipeline.py", ["--out", "{tmp}/out", "--ppo", "--max-stpes 3"],
+     "--ppo '--max-stpes 3': train_ppo.py: unrecognized arguments: --max-stpes 3"),
+    ("pipeline.py", ["--out", "{tmp}/out", "--rm", "--k '1"], "--rm \"--k '1\": No closing quotation"),
+    ("pipeline.py", ["--out", "{tmp}/out", "--sft", "--device tpu"], "train_sft.py: --device tpu: expected"),
+    ("pipeline.py", ["--out", "{tmp}/out", "--eval", "--n-prompts 0"],
+     "--eval '--n-prompts 0': minirlhf.evaluate: --n-prompts 0: must be positive"),
+    ("pipeline.py", ["--out", "{junk}"], "--out {junk}: a file, where a folder is needed"),
+    ("train_ppo.py", ["--init", "{junk}", "--reward-model", "{rm}", "--out", "{tmp}/out"],
+     "{junk}: not a torch checkpoint"),
+]
+
+
+@pytest.mark.parametrize("script, flags, fragment", MISUSES,
+                         ids=[f"{s.split('.')[-2]}{'-'.join(f)}" for s, f, _ in MISUSES])
+def test_misuse_is_one_line_before_any_model(tmp_path, ckpts, script, flags, fragment):
+    fill = lambda text: text.format(tmp=tmp_path, **ckpts)
+    assert_user_error(run_here(script, *map(fill, flags)), fill(fragment))
+    assert not os.path.exists(tmp_path / "out")  # nothing was started
+
+
+@pytest.mark.parametrize("script", ["chat.py", EVALUATE, "pipeline.py"])
+def test_help_gives_every_flag_a_text_and_its_default(script):
+    code, out, _ = run_here(script, "--help")
+    entries = re.split(r"\n  (?=-)", out.split("options:")[1])[1:]  # one per flag
+    assert code == 0 and len(entries) > 5
+    for entry in entries:
+        text = " ".join(entry.split())
+        if not text.startswith("-h"):
+            assert "default: " in text and len(re.split(r"\(.*default: ", text)[0].split()) > 2, text
+
+
+def test_more_prompts_than_exist_is_a_printed_note(tmp_path, ckpts):
+    data = write_lines(tmp_path / "prompts.jsonl", [{"prompt": "What is 1 + 2?"}, {"prompt": "Hi!"}])
+    code, out, err = run_here(EVALUATE, ckpts["sft"], "--prompts", data, "--n-prompts", 5000,
+                              "--samples-per-prompt", 1, "--max-new-tokens", 4)
+    assert code == 0, err[-3000:]
+    assert f"note: --n-prompts 5000: {data} holds 2 prompts; evaluating on all of them" in out
+
+
+def test_pipeline_advice_names_the_pipeline_s_own_flags(tmp_path):
+    """What a stopped pipeline tells the user to type is a pipeline.py command: its flags exist."""
+    _, help_, _ = run_here("pipeline.py", "--help")
+    (tmp_path / "out" / "ppo").mkdir(parents=True)
+    (tmp_path / "out" / "ppo" / "resume.pt").write_bytes(b"")  # a pipeline stopped in PPO
+    over = assert_user_error(run_here("pipeline.py", "--out", tmp_path / "out"),
+                             "unfinished ppo stage is saved here; continue it with `python pipeline.py --out")
+    failed = assert_user_error(run_here("pipeline.py", "--out", tmp_path / "new", "--fast", "--sft",
+                                        "--init no-such-checkpoint"), "sft failed (exit 2)", "with --resume")
+    for advice in (over, failed):
+        for flag in re.findall(r"(?<![\w-])--[a-z][\w-]*", advice.split("error: ", 1)[1]):
+            assert flag in help_, (flag, advice)
 
 
 def test_finished_run_is_not_overwritten_and_a_running_one_is_locked(tmp_path):
