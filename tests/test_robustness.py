@@ -8,6 +8,10 @@
   is cut and counted in the log. These run the real scripts in this process (fast), passing what they
   raise to the hook the script installed, as the interpreter would; `test_exit_status_end_to_end` checks
   once, in a subprocess, that the interpreter really does.
+- The commands around the stages (MISUSES): chat.py, `python -m minirlhf.evaluate` and pipeline.py refuse
+  bad values, paths, kinds and contexts the same way, before any model or stage starts; a file that is
+  no checkpoint is called that; their --help gives every flag a text and its default; a stopped
+  pipeline's advice names flags pipeline.py has.
 - Kill and resume: a run killed with SIGKILL right after its mid-run checkpoint, then resumed with
   --resume, ends with exactly the weights (and log) of a run never stopped: SFT, RM, PPO and RRHF.
 - A kill in the middle of writing a checkpoint leaves the previous one loadable, and resuming from it
@@ -20,7 +24,7 @@ The kills are real SIGKILLs, sent by the process to itself at an exact moment: t
 script through a few lines (KILLER) that wrap os.replace (the rename that publishes a checkpoint) or
 torch.save (the write before it). Nothing in the scripts knows about the tests.
 
-Run: python -m pytest -q tests/test_robustness.py   (about 50 CPU-seconds)
+Run: python -m pytest -q tests/test_robustness.py   (about 65 CPU-seconds)
 """
 
 import contextlib
