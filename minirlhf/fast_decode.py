@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minirlhf.model import GPT, CausalSelfAttention, sample_next
+from minirlhf.model import GPT, CausalSelfAttention, sample_next, tool_step
 
 
 class StaticDecoder(nn.Module):
@@ -37,6 +37,10 @@ class StaticDecoder(nn.Module):
     every batch. compile=True wraps the step in torch.compile(mode="reduce-overhead"), which on CUDA
     records it as a CUDA graph (on a CPU it only fuses kernels). The prefill, whose length depends on
     the prompts, is the plain forward, run once per batch.
+
+    Tools work as in `generate` (`generate_static(..., tool=...)`): a tool's tokens are fed to the step
+    like sampled ones. But the tool reads every row's tokens on the host after every step, so the CPU
+    waits for the GPU at each step and the graph saves less.
     """
 
     def __init__(self, model: GPT, batch_size: int, max_len: int, compile: bool = False):
@@ -108,7 +112,7 @@ class StaticDecoder(nn.Module):
 @torch.no_grad()
 def generate_static(decoder: StaticDecoder, idx, attention_mask, max_new_tokens: int, eos_id: int,
                     temperature=1.0, top_k=None, top_p=None, greedy=False, generator=None,
-                    stop_check_every=None):
+                    stop_check_every=None, tool=None):
     """`generate` through a StaticDecoder: the same arguments, the same returns, the same tokens.
 
     The sampling loop is the plain one (same `sample_next`, same draws from `generator`) and the step
@@ -122,6 +126,8 @@ def generate_static(decoder: StaticDecoder, idx, attention_mask, max_new_tokens:
     which the last row stopped: the same output, but the extra steps also draw from `generator`, whose
     state then differs from the plain path's after a batch that ended early.
 
+    tool: as in `generate` (forced tokens, attention mask 1, response mask 0), the same outputs.
+
     One-off use: generate_static(StaticDecoder(model, B, P + max_new_tokens), idx, attention_mask, ...).
     """
     B, P = idx.shape
@@ -132,11 +138,17 @@ def generate_static(decoder: StaticDecoder, idx, attention_mask, max_new_tokens:
     tokens = torch.full((B, max_new_tokens), eos_id, dtype=torch.long, device=idx.device)
     alive = torch.zeros((B, max_new_tokens), dtype=torch.long, device=idx.device)
     done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+    if tool is not None:
+        forced = torch.zeros((B, max_new_tokens), dtype=torch.long, device=idx.device)  # 1: the tool's
+        history, pending = [[] for _ in range(B)], [[] for _ in range(B)]
     check_every = stop_check_every or (8 if idx.is_cuda else 1)
     logits = decoder.prefill(idx, attention_mask)                    # (B, V)
     for n in range(1, max_new_tokens + 1):
         nxt = sample_next(logits, temperature, top_k, top_p, greedy, generator)  # (B,)
         nxt = torch.where(done, eos_id, nxt)
+        if tool is not None:  # rows the tool is answering take its tokens instead of their samples
+            nxt, by_tool = tool_step(tool, nxt, done, history, pending, eos_id)
+            forced[:, n - 1] = by_tool.long()
         tokens[:, n - 1] = nxt
         alive[:, n - 1] = (~done).long()
         done = done | (nxt == eos_id)
@@ -149,5 +161,6 @@ def generate_static(decoder: StaticDecoder, idx, attention_mask, max_new_tokens:
     n = int(alive.any(0).sum())                                     # the step at which the last row stopped
     tokens, alive = tokens[:, :n], alive[:, :n]
     seqs = torch.cat([idx, tokens], dim=1)
-    response_mask = torch.cat([torch.zeros_like(attention_mask), alive], dim=1)
+    own = alive if tool is None else alive - forced[:, :n]             # the policy's tokens: not the tool's
+    response_mask = torch.cat([torch.zeros_like(attention_mask), own], dim=1)
     return seqs, torch.cat([attention_mask, alive], dim=1), response_mask

@@ -12,8 +12,9 @@ Two things RLHF needs that a pretraining model does not:
 - A KV cache. Sampling appends one token at a time; `KVCache` keeps every layer's keys and values so
   each step runs the new token only. The cache is preallocated to its final length.
 
-`generate` is the readable sampler. The fast one, `generate_static` in minirlhf/fast_decode.py, gives
-the same results through a decode step that a CUDA graph can capture.
+`generate` is the readable sampler; given a `tool` (the calculator of minirlhf/task.py), the tool writes
+tokens into a response as it is sampled. The fast one, `generate_static` in minirlhf/fast_decode.py,
+gives the same results through a decode step that a CUDA graph can capture.
 """
 
 import json
@@ -241,9 +242,34 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, greedy=False, g
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def tool_step(tool, nxt, done, history: list[list[int]], pending: list[list[int]], eos_id: int):
+    """The tool's part of one sampling step: Python, row by row, run only when `generate` has a tool.
+
+    A live row with tool tokens pending takes the next one instead of its sample (forced); every other
+    live row keeps its sample and, unless it is EOS, shows its response so far to the tool, whose reply
+    is fed in the steps that follow. `history` (each row's response ids so far) and `pending` (each row's
+    tool tokens not fed yet) are updated in place. nxt, done: (B,). Returns (nxt, forced), each (B,).
+    """
+    rows, stopped = nxt.tolist(), done.tolist()
+    forced = [False] * len(rows)
+    for b in range(len(rows)):
+        if stopped[b]:
+            continue
+        if pending[b]:
+            rows[b], forced[b] = pending[b].pop(0), True
+        history[b].append(rows[b])
+        if not forced[b] and rows[b] != eos_id:
+            reply = tool(list(history[b]))
+            if reply:
+                if eos_id in reply:  # the end of a response is the policy's decision, never the tool's
+                    raise ValueError(f"the tool returned EOS ({eos_id}): its tokens cannot end a row")
+                pending[b] = [int(t) for t in reply]
+    return torch.tensor(rows, dtype=nxt.dtype, device=nxt.device), torch.tensor(forced, device=nxt.device)
+
+
 @torch.no_grad()
 def generate(model: GPT, idx, attention_mask, max_new_tokens: int, eos_id: int, temperature=1.0,
-             top_k=None, top_p=None, greedy=False, generator=None, use_cache=True):
+             top_k=None, top_p=None, greedy=False, generator=None, use_cache=True, tool=None):
     """Sample responses to a batch of left-padded prompts.
 
     idx, attention_mask: (B, P) prompts right-aligned, mask 1 on real tokens.
@@ -251,6 +277,14 @@ def generate(model: GPT, idx, attention_mask, max_new_tokens: int, eos_id: int, 
     response mask is 1 on generated tokens up to and including each row's first EOS; a row that has
     stopped is padded with EOS under mask 0 while the others go on. The loop ends when every row has
     stopped. use_cache=False recomputes the whole sequence every step (the slow reference).
+
+    tool: None, or a function called after each token a row samples (EOS excepted) with that row's
+    response ids so far (list[int], earlier tool tokens included); it returns None or a list of token
+    ids, which the row is then fed one per step instead of its samples (forced tokens) while the other
+    rows go on sampling. Forced tokens have attention mask 1 and response mask 0, count toward
+    max_new_tokens (a reply longer than what is left is cut), and enter the KV cache like any other
+    token. They never end a row: a reply holding EOS is a ValueError. Every row still draws a sample at
+    every step, so the draws from `generator`, and hence the output, do not depend on the cache.
     """
     B, P = idx.shape
     if P + max_new_tokens > model.config.block_size:
@@ -260,12 +294,18 @@ def generate(model: GPT, idx, attention_mask, max_new_tokens: int, eos_id: int, 
     tokens = torch.full((B, max_new_tokens), eos_id, dtype=torch.long, device=idx.device)
     alive = torch.zeros((B, max_new_tokens), dtype=torch.long, device=idx.device)
     done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+    if tool is not None:
+        forced = torch.zeros((B, max_new_tokens), dtype=torch.long, device=idx.device)  # 1: the tool's
+        history, pending = [[] for _ in range(B)], [[] for _ in range(B)]
     cache = model.new_cache(B, P + max_new_tokens) if use_cache else None
     logits = model(idx, attention_mask, cache)[:, -1]                   # prefill: (B, V)
     mask, seq, n = attention_mask, idx, 0
     for n in range(1, max_new_tokens + 1):
         nxt = sample_next(logits, temperature, top_k, top_p, greedy, generator)  # (B,)
         nxt = torch.where(done, eos_id, nxt)
+        if tool is not None:  # rows the tool is answering take its tokens instead of their samples
+            nxt, by_tool = tool_step(tool, nxt, done, history, pending, eos_id)
+            forced[:, n - 1] = by_tool.long()
         tokens[:, n - 1] = nxt
         alive[:, n - 1] = (~done).long()
         done = done | (nxt == eos_id)
@@ -279,7 +319,8 @@ def generate(model: GPT, idx, attention_mask, max_new_tokens: int, eos_id: int, 
             logits = model(seq, mask)[:, -1]
     tokens, alive = tokens[:, :n], alive[:, :n]
     seqs = torch.cat([idx, tokens], dim=1)
-    response_mask = torch.cat([torch.zeros_like(attention_mask), alive], dim=1)
+    own = alive if tool is None else alive - forced[:, :n]             # the policy's tokens: not the tool's
+    response_mask = torch.cat([torch.zeros_like(attention_mask), own], dim=1)
     return seqs, torch.cat([attention_mask, alive], dim=1), response_mask
 
 
