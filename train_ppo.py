@@ -164,8 +164,9 @@ def token_rewards(
         R[b, t] = 0                                                                 where mask[b, t] = 0
 
     s = `scores` (B,): the reward model's score of each response; log pi = `logprobs` (B, T) and
-    log pi_ref = `ref_logprobs` (B, T) of the sampled tokens; `mask` (B, T) 1 on response tokens;
-    beta = `kl_coef`; last_b is the last position of row b where mask is 1.
+    log pi_ref = `ref_logprobs` (B, T) of the sampled tokens; `mask` (B, T) 1 on the policy's tokens
+    (0 on tool output, so the KL is summed over the policy's own tokens: the tool's were not sampled
+    from pi); beta = `kl_coef`; last_b is the last position of row b where mask is 1.
 
     The KL term is the k1 estimate, as in Ziegler et al. (2019, Sec. 2.2) and InstructGPT (Ouyang et al.
     2022, Eq. 2): summed over a response it is the sequence-level log-ratio of the paper's
@@ -201,29 +202,39 @@ def gae(
         A_t     = delta_t + gamma * lam * A_{t+1}       (i.e. sum_l (gamma * lam)^l * delta_{t+l})
         G_t     = A_t + V_t                             (the lambda-return: the critic's target)
 
-    r = `rewards` (B, T), V = `values` (B, T) of the critic, `mask` (B, T) 1 on response tokens;
-    gamma = `gamma`, lam = `lam`. A row's valid positions are one contiguous run that may start and end
-    anywhere in [0, T). After the last valid position the episode is over: V_{t+1} = 0 and A_{t+1} = 0,
-    also for a response cut off at the length limit (we do not bootstrap from the critic there: the
-    reward model has scored the response as it is, so there is no future reward to estimate).
+    r = `rewards` (B, T), V = `values` (B, T) of the critic, `mask` (B, T) 1 on the policy's tokens;
+    gamma = `gamma`, lam = `lam`. A row's valid positions may start and end anywhere in [0, T). After
+    the last one the episode is over: V_{t+1} = 0 and A_{t+1} = 0, also for a response cut off at the
+    length limit (we do not bootstrap from the critic there: the reward model has scored the response
+    as it is, so there is no future reward to estimate).
+
+    A response with tool output has holes: mask-0 positions between two of the policy's tokens. The
+    tool's tokens are not actions but part of what the policy sees next, so the recursion skips them:
+    t + 1 above is the row's next mask-1 position (V_{t+1} is the critic's value there, which has read
+    the tool's output), and gamma discounts per action, not per token. Rewards at mask-0 positions are
+    ignored. A contiguous mask gives exactly what it gave before holes were allowed.
 
     The loop runs over time only (T is short, B is the batch); the recursion is sequential in t.
 
     Returns (advantages, returns), each (B, T), 0 where `mask` is 0.
     """
     B, T = rewards.shape
+    valid = mask.bool()
+    # holes: mask 0 with a valid position on both sides (cumsums count the valid ones up to t, from t on)
+    hole = ~valid & (valid.long().cumsum(1) > 0) & (valid.long().flip(1).cumsum(1).flip(1) > 0)  # (B, T)
     mask = mask.to(values.dtype)
     next_value = torch.zeros(B, dtype=values.dtype, device=values.device)  # V_{t+1} (B,)
     next_advantage = torch.zeros_like(next_value)  # A_{t+1} (B,)
     advantages_reversed = []
     for t in reversed(range(T)):
         delta = rewards[:, t] + gamma * next_value - values[:, t]
-        # Zeroing A_t outside the run is what stops the recursion at the row's last valid position: the
+        # Zeroing A_t where mask is 0 is what stops the recursion at the row's last valid position: the
         # step after it is padding, whose A (and V, below) is 0, so nothing from beyond flows back.
         advantage = (delta + gamma * lam * next_advantage) * mask[:, t]
         advantages_reversed.append(advantage)
-        next_value = values[:, t] * mask[:, t]
-        next_advantage = advantage
+        # a hole hands on the V and A of the policy's next token unchanged, to the token before it
+        next_value = torch.where(hole[:, t], next_value, values[:, t] * mask[:, t])
+        next_advantage = torch.where(hole[:, t], next_advantage, advantage)
     advantages = torch.stack(advantages_reversed[::-1], dim=1)  # (B, T)
     returns = (advantages + values) * mask
     return advantages, returns

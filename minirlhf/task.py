@@ -476,6 +476,78 @@ def label_ranks(prompt: str, responses: list[str], temperature: float = LABEL_TE
     return ranks
 
 
+# ----------------------------------------------------------------------------------------------------
+# The calculator tool
+#
+# The policy calls the calculator by writing a call into its response; the sampler
+# (`generate(..., tool=calculator_tool(enc))`) then writes the result right after it, as tokens of the
+# environment (attention mask 1, response mask 0), and the policy goes on:
+#
+#     policy   " Sure! <calc>4821*937</calc>"
+#     tool     " 4517277"                       a space, then the value or "error"
+#     policy   " The answer is 4517277." EOS    the answer is the policy's own to write
+#
+# A call is `<calc>EXPR</calc>` (CALL_RE, which also takes the result after it when there is one). EXPR
+# is non-negative integers (ASCII digits) joined by + - *, with spaces allowed around them, at most
+# CALC_MAX_LEN characters; * binds before + and -, and each goes left to right. Anything else (another
+# character, a missing number, a value of CALC_MAX_DIGITS digits or more) gives "error". The evaluator
+# parses that grammar and nothing else: no eval.
+#
+# Why a space before the result: GPT-2's pre-tokenizer always splits between the punctuation ">" and
+# " 4517277" (a space and digits), so "</calc>" ends on a token of its own and the tool sees the call
+# closed as soon as it is; and a demonstration encoded whole gives the same tokens as its call, the
+# tool's result and the rest encoded apart, so SFT and sampling with the tool see the same tokens. A
+# result glued on ("=4517277") would sit in one pre-token with the ">", which BPE is free to merge. The
+# byte tokenizer splits everything anyway.
+
+# a call (group 1: the expression as written), then its result (group 2) if the tool has answered
+CALL_RE = re.compile(r"<calc>([^<>]*)</calc>(?: (-?[0-9]+|error))?")
+CALC_MAX_LEN = 32       # characters of an expression: room for "4821 * 937" and more, not for a novel
+CALC_MAX_DIGITS = 12    # a value must stay below 10**12 in absolute value: the result stays a few tokens
+CALC_ERROR = "error"
+_CALC_EXPR_RE = re.compile(r" *[0-9]+(?: *[-+*] *[0-9]+)* *")  # [0-9], not \d: no other scripts' digits
+_CALL_AT_END_RE = re.compile(r"<calc>([^<>]*)</calc>\Z")        # a call the tool has not answered yet
+
+
+def calculator(expression: str) -> str:
+    """The value of an expression of integers and + - * as decimal text, or "error" (CALC_ERROR).
+
+        "4821*937" -> "4517277",  "2+3*4" -> "14",  "3-5" -> "-2",  "2**9", "1/0", "" -> "error"
+
+    Precedence: the expression is a sum of signed terms, each a product of numbers. Bounded: at most
+    CALC_MAX_LEN characters in, so every intermediate product has at most that many digits, and a value
+    below 10**CALC_MAX_DIGITS out.
+    """
+    if len(expression) > CALC_MAX_LEN or not _CALC_EXPR_RE.fullmatch(expression):
+        return CALC_ERROR
+    tokens = re.findall(r"[0-9]+|[-+*]", expression)  # number, operator, number, ...
+    total, sign, product = 0, 1, int(tokens[0])
+    for op, number in zip(tokens[1::2], tokens[2::2]):
+        if op == "*":
+            product *= int(number)
+        else:  # + or - ends a term: add it with its sign and start the next one
+            total += sign * product
+            sign, product = (1 if op == "+" else -1), int(number)
+    total += sign * product
+    return str(total) if abs(total) < 10**CALC_MAX_DIGITS else CALC_ERROR
+
+
+def calculator_tool(enc):
+    """The calculator as the `tool` of `minirlhf.model.generate`, for the tiktoken encoding `enc`.
+
+    Returns a function from one row's response token ids so far (list[int]) to the token ids of
+    " " + calculator(EXPR) when the decoded text ends with a call `<calc>EXPR</calc>`, else None. A call
+    ends the text only until its result is written after it, so each call is answered once.
+    """
+    def tool(ids: list[int]) -> list[int] | None:
+        # the text can end with "</calc>" only if its last token does: a cheap test before decoding the row
+        if not ids or not enc.decode_single_token_bytes(ids[-1]).endswith(b">"):
+            return None
+        call = _CALL_AT_END_RE.search(enc.decode(ids, errors="replace"))
+        return None if call is None else enc.encode_ordinary(" " + calculator(call.group(1)))
+    return tool
+
+
 if __name__ == "__main__":
     # python -m minirlhf.task: a look at the task and the numbers the README quotes.
     train, heldout = split_prompts()

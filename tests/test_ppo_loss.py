@@ -7,7 +7,10 @@ Checks, each against an independent float64 reference (Python loops, hand comput
 - token_rewards: the KL penalty on the response tokens and the score at each row's last valid
   position, rows with different offsets and lengths, an empty row.
 - gae: a loop over time per row, rows of different lengths and offsets (ending before T included),
-  gamma and lam at 0, 1 and in between, and closed forms at the extremes.
+  gamma and lam at 0, 1 and in between, and closed forms at the extremes. With holes (tool output
+  between the policy's tokens): a loop over each row's mask-1 positions, the same as the row with its
+  tool tokens deleted; contiguous masks bit for bit what the function gave before holes (kept here).
+- token_rewards with holes: the KL penalty on the policy's tokens only, the score on the last of them.
 - ppo_policy_loss / ppo_value_loss: every clip branch with both signs of the advantage (or of the
   error), the gradient exactly 0 when the clipped term is active; ratio exactly 1 before an update.
 - ppo_policy_stats: approx_kl and clipfrac.
@@ -460,3 +463,133 @@ def test_value_stats_count_the_tokens_the_clip_zeroes():
     values = values.clone().requires_grad_(True)
     ppo_value_loss(values, old, returns, mask, 0.2).backward()
     assert values.grad[0, 1] == 0 and values.grad[0, 0] != 0 and values.grad[0, 2] != 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Responses with holes: tool output (mask 0) between the policy's tokens
+# ---------------------------------------------------------------------------------------------------
+
+# A hole of two in the middle; three holes, the row starting and ending on the policy's tokens; a hole of
+# one after the first token; tool output after the last policy token (a reply cut at the length limit);
+# a contiguous row; an empty row.
+HOLED = torch.tensor(
+    [
+        [0, 1, 1, 0, 0, 1, 1, 0],
+        [1, 0, 1, 0, 0, 1, 0, 1],
+        [0, 0, 1, 0, 1, 1, 1, 1],
+        [0, 1, 1, 1, 0, 0, 0, 0],
+        [0, 0, 1, 1, 1, 1, 0, 0],
+        [0, 0, 0, 0, 0, 0, 0, 0],
+    ]
+)
+
+
+def reference_gae_over_positions(rewards, values, mask, gamma, lam):
+    """Backwards over each row's mask-1 positions in order, whatever lies between them: the next state of
+    the policy's token at position p_i is the one at p_{i+1}, and after the last there is none."""
+    B, T = mask.shape
+    adv = [[0.0] * T for _ in range(B)]
+    ret = [[0.0] * T for _ in range(B)]
+    for b in range(B):
+        positions = [t for t in range(T) if mask[b, t]]
+        next_adv = 0.0
+        for i in reversed(range(len(positions))):
+            t = positions[i]
+            next_value = float(values[b, positions[i + 1]]) if i + 1 < len(positions) else 0.0
+            delta = float(rewards[b, t]) + gamma * next_value - float(values[b, t])
+            adv[b][t] = delta + gamma * lam * next_adv
+            ret[b][t] = adv[b][t] + float(values[b, t])
+            next_adv = adv[b][t]
+    return torch.tensor(adv, dtype=F64), torch.tensor(ret, dtype=F64)
+
+
+def gae_before_tools(rewards, values, mask, gamma, lam):
+    """train_ppo.gae as it was before responses could have holes, kept verbatim as the reference that
+    contiguous masks must reproduce bit for bit."""
+    B, T = rewards.shape
+    mask = mask.to(values.dtype)
+    next_value = torch.zeros(B, dtype=values.dtype, device=values.device)
+    next_advantage = torch.zeros_like(next_value)
+    advantages_reversed = []
+    for t in reversed(range(T)):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        advantage = (delta + gamma * lam * next_advantage) * mask[:, t]
+        advantages_reversed.append(advantage)
+        next_value = values[:, t] * mask[:, t]
+        next_advantage = advantage
+    advantages = torch.stack(advantages_reversed[::-1], dim=1)
+    returns = (advantages + values) * mask
+    return advantages, returns
+
+
+def holed_inputs(seed, mask=HOLED):
+    # garbage outside the mask, tool positions included: it must not leak into the policy's positions
+    B, T = mask.shape
+    outside = 1 - mask.to(F64)
+    return randn(B, T, seed=seed) + 100.0 * outside, randn(B, T, seed=seed + 1) - 100.0 * outside
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.9, 1.0])
+@pytest.mark.parametrize("lam", [0.0, 0.95, 1.0])
+def test_gae_with_holes_matches_loop_over_the_policy_tokens(gamma, lam):
+    rewards, values = holed_inputs(seed=21)
+    advantages, returns = gae(rewards, values, HOLED, gamma, lam)
+    ref_adv, ref_ret = reference_gae_over_positions(rewards, values, HOLED, gamma, lam)
+    torch.testing.assert_close(advantages, ref_adv, rtol=0, atol=1e-12)
+    torch.testing.assert_close(returns, ref_ret, rtol=0, atol=1e-12)
+
+
+def test_gae_with_holes_equals_the_row_without_its_tool_tokens():
+    # deleting a row's tool tokens (and their values) leaves the advantages of its own tokens unchanged
+    rewards, values = holed_inputs(seed=22)
+    adv, ret = gae(rewards, values, HOLED, 0.97, 0.9)
+    for b in range(HOLED.size(0) - 1):
+        keep = HOLED[b].bool()
+        alone = gae(rewards[b:b + 1, keep], values[b:b + 1, keep], HOLED[b:b + 1, keep], 0.97, 0.9)
+        torch.testing.assert_close(adv[b, keep], alone[0][0], rtol=0, atol=1e-12)
+        torch.testing.assert_close(ret[b, keep], alone[1][0], rtol=0, atol=1e-12)
+
+
+def bits(x):
+    return x.view(torch.int64) if x.dtype == F64 else x.view(torch.int32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("gamma, lam", [(1.0, 0.95), (0.9, 0.8), (0.0, 1.0)])
+def test_gae_contiguous_masks_bit_identical_to_before_tools(dtype, gamma, lam):
+    rewards, values = (x.to(dtype) for x in gae_inputs(seed=23))
+    new, old = gae(rewards, values, MASK, gamma, lam), gae_before_tools(rewards, values, MASK, gamma, lam)
+    for a, b in zip(new, old):  # the same bits, signs of zero included
+        assert torch.equal(bits(a), bits(b))
+
+
+def test_gae_with_holes_gradcheck():
+    rewards, values = holed_inputs(seed=24)
+    args = (rewards.requires_grad_(True), values.requires_grad_(True))
+    assert torch.autograd.gradcheck(lambda r, v: gae(r, v, HOLED, 0.9, 0.8), args)
+
+
+def reference_token_rewards_over_positions(scores, logprobs, ref_logprobs, mask, kl_coef):
+    B, T = mask.shape
+    out = [[0.0] * T for _ in range(B)]
+    for b in range(B):
+        positions = [t for t in range(T) if mask[b, t]]
+        for t in positions:
+            out[b][t] = -kl_coef * (float(logprobs[b, t]) - float(ref_logprobs[b, t]))
+        if positions:
+            out[b][positions[-1]] += float(scores[b])
+    return torch.tensor(out, dtype=F64)
+
+
+def test_token_rewards_with_holes_only_on_the_policy_tokens():
+    # the KL penalty on the policy's tokens only (the tool's were not sampled from pi), the score on the
+    # last of them, even where tool output follows it (row 3 ends in a cut-off tool reply)
+    B, T = HOLED.shape
+    scores, lp, ref = randn(B, seed=25), randn(B, T, seed=26), randn(B, T, seed=27)
+    got = token_rewards(scores, lp, ref, HOLED, kl_coef=0.07)
+    torch.testing.assert_close(got, reference_token_rewards_over_positions(scores, lp, ref, HOLED, 0.07),
+                               rtol=0, atol=1e-12)
+    assert torch.equal(got * (1 - HOLED), torch.zeros(B, T, dtype=F64))
+    # summed over a row, the KL term is the log-ratio of the policy's own tokens: the sequence-level KL
+    kl = -(got - scores[:, None] * (torch.arange(T) == torch.tensor([6, 7, 7, 3, 5, 0])[:, None]) * HOLED)
+    torch.testing.assert_close(kl.sum(1) / 0.07, ((lp - ref) * HOLED).sum(1), rtol=0, atol=1e-12)
