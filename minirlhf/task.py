@@ -45,6 +45,11 @@ grader would read a free-text reply: the last token that looks like an answer (t
 last all-capital word, the trailing run of a repeated word). The expected answer comes from parsing the
 prompt with regexes, so `judge` accepts any pair of strings, model garbage included, and never raises.
 
+Junk around a right answer ("xq#z!!3" for "How many letters in 'rug'?") is graded like filler: it
+costs concision once it is long, and nothing while it is short. A decision, not an accident: each
+criterion measures one thing (correctness: is the answer the grader reads right?), so a report's
+"correct rate" means what it says, and a policy that learns to emit junk gains nothing by it.
+
 Labeler (`label_ranks`) ranks K responses to a prompt the way people disagree: it samples an order
 from the Plackett-Luce model of the gold scores, picking the next-best response with probability
 softmax(gold / temperature) among those left (Plackett 1975; with K = 2 this is Bradley-Terry). At the

@@ -98,6 +98,14 @@ def test_garbage_never_raises_and_scores_low():
     assert judge(None, 3) == -1.0  # not text at all
 
 
+def test_junk_around_a_right_answer_costs_concision_only():
+    # the decision documented in task.py: correctness grades the answer the grader reads, nothing else
+    p = "How many letters in 'rug'?"
+    assert judge_breakdown(p, "xq#z!!3") == judge_breakdown(p, "3")  # short junk: free
+    long_junk = judge_breakdown(p, "xq#z!!" * 10 + " 3")
+    assert long_junk["correctness"] == 1.0 and long_junk["concision"] < 0.0
+
+
 def test_breakdown_total_is_weighted_sum():
     b = judge_breakdown("Spell 'cat' backwards.", "Ugh, obviously, as everyone knows by now, it is tac")
     assert b["total"] == pytest.approx(sum(task.WEIGHTS[k] * b[k] for k in task.WEIGHTS))
