@@ -10,6 +10,7 @@ scratch in about two minutes); `--init gpt2` (or a folder with GPT-2 weights) st
 
     python train_sft.py                                      # built-in task, CPU, ~2 minutes
     python train_sft.py --init gpt2 --tokenizer gpt2 --data sft.jsonl --device cuda   # one GPU
+    torchrun --standalone --nproc_per_node 8 train_sft.py --init gpt2 ...   # 8 GPUs (see minirlhf/dist.py)
 
 Writes out/sft/ckpt.pt and out/sft/metrics.jsonl; on the built-in task, reports the held-out mean gold
 reward of its samples (the number RLHF must raise). A stopped run continues with `--resume`.
@@ -17,6 +18,7 @@ reward of its samples (the number RLHF must raise). A stopped run continues with
 
 import os
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -24,9 +26,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from minirlhf import task
-from minirlhf.checkpoint import (ckpt_path, load_model, remove_resume, resume_or_start, save_checkpoint,
-                                 save_resume)
+from minirlhf import dist, task
+from minirlhf.checkpoint import ckpt_path, load_model, remove_resume, save_checkpoint
 from minirlhf.cli import (Log, adamw, arg, check_device, check_dtype, check_finite, nonnegative, parse_args,
                           peak_memory_mb, positive, require, warmup_cosine)
 from minirlhf.data import PairRecord, SFTRecord, read_jsonl, sft_batch
@@ -119,6 +120,8 @@ if __name__ == "__main__":
 
     # ---- device, dtype, seed ----------------------------------------------------------------------
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = dist.init(device)  # under torchrun: join the process group; cuda becomes cuda:LOCAL_RANK
+    dist.split(args.batch_size, "--batch-size")  # each of the W ranks trains on batch_size / W of a batch
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=(dtype == "bfloat16"))
     if args.threads:
@@ -203,25 +206,29 @@ if __name__ == "__main__":
     # ---- optimizer --------------------------------------------------------------------------------
     optimizer = adamw(policy, args.lr, args.weight_decay, device)
     lr_at = lambda step: warmup_cosine(step, args.lr, args.warmup_steps, args.max_steps)  # noqa: E731
-    train_policy = torch.compile(policy) if args.compile else policy
+    train_policy = dist.wrap(policy)  # under torchrun, DDP: backward averages the gradients over the ranks
+    train_policy = torch.compile(train_policy) if args.compile else train_policy
     # what --resume restores besides the weights: the optimizer and the RNGs (the batches drawn so far)
     state = dict(optimizer=optimizer, data_rng=data_rng)
-    start, _ = resume_or_start(args, policy, state)
-    log = Log(args.out, first_step=start)
+    start, _ = dist.resume_or_start(args, policy, state)
+    log = Log(args.out, first_step=start) if dist.is_main else dist.skip
 
     # ---- training loop ----------------------------------------------------------------------------
     last = args.max_steps - 1
     t_start = time.time()
-    for step in tqdm(range(start, args.max_steps), "sft", initial=start, total=args.max_steps, disable=None):
+    for step in tqdm(range(start, args.max_steps), "sft", initial=start, total=args.max_steps,
+                     disable=dist.tqdm_disable):
         t0 = time.time()
         for g in optimizer.param_groups:
             g["lr"] = lr_at(step)
-        idx = [data_rng.randrange(len(train_p)) for _ in range(args.batch_size)]
-        tokens, mask = get_batch(train_p, train_r, idx)
+        idx = [data_rng.randrange(len(train_p)) for _ in range(args.batch_size)]  # the same on every rank
+        tokens, mask = get_batch(train_p, train_r, dist.shard(idx))  # this rank's slice of the batch
         with autocast:
             logits = train_policy(tokens[:, :-1])         # right padding: causal attention never reads it
         # L = -mean over response tokens of log pi(y_t | x, y_<t); logits[:, t] scores tokens[:, t + 1]
-        loss = sft_loss(logits, tokens[:, 1:], mask[:, 1:])
+        # (the mean over the tokens of the whole batch, every rank's: dist.batch_mean)
+        n_tokens = mask[:, 1:].sum()
+        loss = dist.batch_mean(sft_loss(logits, tokens[:, 1:], mask[:, 1:]), n_tokens)
         check_finite(loss, step, args.out)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -230,19 +237,24 @@ if __name__ == "__main__":
 
         evaluate_now = step % args.eval_interval == 0 or step == last
         if step % 10 == 0 or evaluate_now:
-            metrics = dict(loss=loss, **sft_stats(logits, tokens[:, 1:], mask[:, 1:]), grad_norm=grad_norm,
-                           lr=lr_at(step), ms=(time.time() - t0) * 1000)
-            if evaluate_now:
+            # this rank's tokens -> the batch's: token_acc is a mean over tokens, tokens a count
+            stats = dist.batch_stats(sft_stats(logits, tokens[:, 1:], mask[:, 1:]), n_tokens, ("tokens",))
+            metrics = dict(loss=loss, **stats, grad_norm=grad_norm, lr=lr_at(step),
+                           ms=(time.time() - t0) * 1000)
+            if evaluate_now and dist.is_main:
                 metrics["val_loss"] = val_loss()
             log(step, print_line=evaluate_now, **metrics)
         if (step + 1) % args.ckpt_interval == 0 and step < last:
-            save_resume(args.out, policy, enc.name, args, step + 1, state)
+            dist.save_resume(args.out, policy, enc.name, args, step + 1, state)
     train_seconds = time.time() - t_start
+    if not dist.is_main:  # rank 0 alone evaluates and writes the result; the others wait for it
+        dist.barrier()
+        sys.exit()
 
     # ---- final evaluation and save ----------------------------------------------------------------
     policy.eval()
     extra = dict(train_seconds=train_seconds, peak_memory_mb=peak_memory_mb(device), models_in_memory=1,
-                 val_loss=val_loss())
+                 world_size=dist.WORLD_SIZE, val_loss=val_loss())
     # the result is saved before anything that could fail, then again with the evaluation's numbers
     save_checkpoint(args.out, policy, enc.name, asdict(args), args.max_steps, extra)
     remove_resume(args.out)
@@ -253,3 +265,4 @@ if __name__ == "__main__":
         print(summary_line(metrics))
         save_checkpoint(args.out, policy, enc.name, asdict(args), args.max_steps, {**extra, **metrics})
     print(f"saved {args.out}/ckpt.pt after {train_seconds:.0f} s of training")
+    dist.barrier()  # the other ranks exit with this one
