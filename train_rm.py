@@ -30,6 +30,7 @@ Deviations from InstructGPT:
 
     python train_rm.py                                       # built-in task, after train_sft.py
     python train_rm.py --data hh.jsonl --device cuda --batch-size 32 --max-steps 2000 --eval-interval 200
+    torchrun --standalone --nproc_per_node 8 train_rm.py --data hh.jsonl ...    # 8 GPUs (minirlhf/dist.py)
 
 Reports held-out pairwise accuracy (the preferred response scores higher) against the labeler's noisy
 ranks (`acc_labels`), and on the built-in task against the gold judge on the pairs whose gold rewards
@@ -46,6 +47,7 @@ than 2 distinct responses is skipped. With --data nothing is written: the file a
 
 import os
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -53,8 +55,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from minirlhf import task
-from minirlhf.checkpoint import load_model, remove_resume, resume_or_start, save_checkpoint, save_resume
+from minirlhf import dist, task
+from minirlhf.checkpoint import load_model, remove_resume, save_checkpoint
 from minirlhf.cli import (Log, adamw, arg, check_device, check_dtype, check_finite, nonnegative, parse_args,
                           peak_memory_mb, positive, require, warmup_cosine)
 from minirlhf.data import (PairRecord, RankRecord, join_prompt_response, read_jsonl, truncate_prompt,
@@ -155,15 +157,16 @@ def pairwise_accuracy(scores: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor
 def ranking_stats(rewards: torch.Tensor, ranks: torch.Tensor) -> dict[str, torch.Tensor]:
     """What ranking_loss was taken over, for the log; arguments as in `ranking_loss`.
 
-    acc:    the share of the batch's ranked pairs the rewards already order (`pairwise_accuracy`);
-    margin: the mean of r_i - r_j over those pairs (i ranked above j), the quantity in the sigmoid;
-    pairs:  how many ranked pairs the batch held.
+    acc:     the share of the batch's ranked pairs the rewards already order (`pairwise_accuracy`);
+    margin:  the mean of r_i - r_j over those pairs (i ranked above j), the quantity in the sigmoid;
+    pairs:   how many ranked pairs the batch held;
+    prompts: how many of its prompts have one, the prompts the loss averages over.
     """
     pairs = (ranks[:, :, None] >= 0) & (ranks[:, :, None] < ranks[:, None, :])  # (B, K, K), as ranking_loss
     margins = rewards[:, :, None] - rewards[:, None, :]                         # (B, K, K)
     n = pairs.sum()
     return {"acc": pairwise_accuracy(rewards, ranks), "margin": (margins * pairs).sum() / n.clamp(min=1),
-            "pairs": n}
+            "pairs": n, "prompts": pairs.any(dim=2).any(dim=1).sum()}
 
 
 def correctness_only_pairs(group) -> list[tuple[int, int]]:
@@ -274,6 +277,8 @@ if __name__ == "__main__":
 
     # ---- device, dtype, seed ----------------------------------------------------------------------
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = dist.init(device)  # under torchrun: join the process group; cuda becomes cuda:LOCAL_RANK
+    dist.split(args.batch_size, "--batch-size")  # each of the W ranks trains on batch_size / W prompts
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=(dtype == "bfloat16"))
     if args.threads:
@@ -281,7 +286,9 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     data_rng = random.Random(args.seed)                           # batch order
-    generator = torch.Generator(device=device).manual_seed(args.seed)  # the candidates' sampling
+    # the candidates' sampling: the same seed on every rank, so every rank makes the same comparisons and
+    # the result does not depend on the number of processes (the sampling is not split over the ranks)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
 
@@ -396,31 +403,35 @@ if __name__ == "__main__":
     # ---- optimizer --------------------------------------------------------------------------------
     optimizer = adamw(model, args.lr, args.weight_decay, device)
     lr_at = lambda step: warmup_cosine(step, args.lr, args.warmup_steps, args.max_steps)  # noqa: E731
-    train_model = torch.compile(model) if args.compile else model
+    train_model = dist.wrap(model)  # under torchrun, DDP: backward averages the gradients over the ranks
+    train_model = torch.compile(train_model) if args.compile else train_model
     # what --resume restores besides the weights; the candidates are sampled again, the same from the seed
     state = dict(optimizer=optimizer, data_rng=data_rng)
-    start, saved = resume_or_start(args, model, state)
+    start, saved = dist.resume_or_start(args, model, state)
     order, n_truncated = saved.get("order", []), saved.get("n_truncated", 0)  # the epoch under way
-    log = Log(args.out, first_step=start)
+    log = Log(args.out, first_step=start) if dist.is_main else dist.skip
 
     # ---- training loop ----------------------------------------------------------------------------
     last = args.max_steps - 1
     t_start = time.time()
-    for step in tqdm(range(start, args.max_steps), "rm", initial=start, total=args.max_steps, disable=None):
+    for step in tqdm(range(start, args.max_steps), "rm", initial=start, total=args.max_steps,
+                     disable=dist.tqdm_disable):
         t0 = time.time()
         for g in optimizer.param_groups:
             g["lr"] = lr_at(step)
         if len(order) < args.batch_size:  # epochs: every prompt once, in a fresh order each pass
             order += data_rng.sample(range(len(train_groups)), len(train_groups))
         batch, order = [train_groups[i] for i in order[:args.batch_size]], order[args.batch_size:]
-        tokens, attn, mask, ranks, n_cut = get_batch(batch)
-        n_truncated += n_cut
+        tokens, attn, mask, ranks, n_cut = get_batch(dist.shard(batch))  # this rank's slice of the batch
+        n_truncated += dist.all_reduce(n_cut).item()
         with autocast:
             values = train_model(tokens, attn)                            # (B*K, T): a scalar per position
         # the score of a candidate is its scalar at the last response token (its EOS when it has one)
         rewards = gather_last(values, mask).float().view(ranks.shape)    # (B, K)
         # L = mean over prompts of mean over ranked pairs (i above j) of -log sigmoid(r_i - r_j)
-        loss = ranking_loss(rewards, ranks)
+        # (the mean over the prompts of the whole batch, every rank's: dist.batch_mean)
+        stats = ranking_stats(rewards, ranks)
+        loss = dist.batch_mean(ranking_loss(rewards, ranks), stats["prompts"])
         check_finite(loss, step, args.out)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -429,26 +440,32 @@ if __name__ == "__main__":
 
         evaluate_now = step % args.eval_interval == 0 or step == last
         if step % 10 == 0 or evaluate_now:
-            metrics = dict(loss=loss, **ranking_stats(rewards, ranks), grad_norm=grad_norm, lr=lr_at(step),
+            # this rank's pairs -> the batch's: acc and margin are means over pairs, pairs and prompts counts
+            stats = dist.batch_stats(stats, stats["pairs"], ("pairs", "prompts"))
+            metrics = dict(loss=loss, **stats, grad_norm=grad_norm, lr=lr_at(step),
                            ms=(time.time() - t0) * 1000)
-            if evaluate_now:
+            if evaluate_now and dist.is_main:
                 val_metrics, val_scores = evaluate_rm()  # the last step's is the final evaluation
                 metrics.update(val_metrics)
             log(step, print_line=evaluate_now, **metrics)
         if (step + 1) % args.ckpt_interval == 0 and step < last:
-            save_resume(args.out, model, enc.name, args, step + 1, state, order=order,
-                        n_truncated=n_truncated)
+            dist.save_resume(args.out, model, enc.name, args, step + 1, state, order=order,
+                             n_truncated=n_truncated)
     if n_truncated:
         print(f"note: {n_truncated} training rows were truncated to fit block_size {block_size}")
     train_seconds = time.time() - t_start
     epochs = args.max_steps * args.batch_size / len(train_groups)
+    if not dist.is_main:  # rank 0 alone evaluates and writes the result; the others wait for it
+        dist.barrier()
+        sys.exit()
 
     # ---- final evaluation and save ----------------------------------------------------------------
     stat_scores = val_scores if stat_groups is val_groups else scores_of(stat_groups)[:, :1]
     extra = dict(reward_mean=stat_scores.mean().item(), reward_std=stat_scores.std().item(),
                  accuracy_vs_labels=val_metrics["acc_labels"], accuracy_vs_gold=val_metrics.get("acc_gold"),
                  val_loss=val_metrics["val_loss"], train_seconds=train_seconds, sample_seconds=sample_seconds,
-                 epochs=epochs, peak_memory_mb=peak_memory_mb(device), models_in_memory=1)
+                 epochs=epochs, peak_memory_mb=peak_memory_mb(device), models_in_memory=1,
+                 world_size=dist.WORLD_SIZE)
     if builtin:
         extra["labels_vs_gold"] = labels_vs_gold
         # the pairs that differ in correctness alone, by kind: can the RM teach correctness, not manners?
@@ -486,3 +503,4 @@ if __name__ == "__main__":
     remove_resume(args.out)
     print(f"saved {args.out}/ckpt.pt after {train_seconds:.0f} s of training ({epochs:.1f} epochs), "
           f"{time.time() - t_begin:.0f} s in all")
+    dist.barrier()  # the other ranks exit with this one
