@@ -55,6 +55,7 @@ view of what its own samples become.
     python train_dpo.py --loss-type ipo --beta 0.3           # IPO: a squared loss with a finite target
     python train_dpo.py --init out/sft --data hh.jsonl --device cuda --batch-size 32 --max-steps 2000 \\
         --eval-interval 200 --max-new-tokens 128                                                  # one GPU
+    torchrun --standalone --nproc_per_node 8 train_dpo.py --init out/sft --data hh.jsonl ...     # 8 GPUs
 
 Reads out/sft (the policy's start and the reference) and out/rm/comparisons.jsonl with
 comparisons_heldout.jsonl beside it (written by train_rm.py on the built-in task), or --data (pairwise,
@@ -66,6 +67,7 @@ continues with `--resume`.
 
 import os
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -73,8 +75,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from minirlhf import task
-from minirlhf.checkpoint import load_model, remove_resume, resume_or_start, save_checkpoint, save_resume
+from minirlhf import dist, task
+from minirlhf.checkpoint import load_model, remove_resume, save_checkpoint
 from minirlhf.cli import (Log, adamw, arg, check_device, check_dtype, check_finite, nonnegative, one_of,
                           parse_args, peak_memory_mb, positive, require, warmup_cosine)
 from minirlhf.data import PairRecord, RankRecord, join_prompt_response, read_jsonl, truncate_prompt
@@ -279,6 +281,8 @@ if __name__ == "__main__":
 
     # ---- device, dtype, seed ----------------------------------------------------------------------
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = dist.init(device)  # under torchrun: join the process group; cuda becomes cuda:LOCAL_RANK
+    dist.split(args.batch_size, "--batch-size")  # each of the W ranks trains on batch_size / W prompts
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=(dtype == "bfloat16"))
     if args.threads:
@@ -353,12 +357,13 @@ if __name__ == "__main__":
     # ---- optimizer --------------------------------------------------------------------------------
     optimizer = adamw(policy, args.lr, args.weight_decay, device)
     lr_at = lambda step: warmup_cosine(step, args.lr, args.warmup_steps, args.max_steps)  # noqa: E731
-    train_policy = torch.compile(policy) if args.compile else policy
+    train_policy = dist.wrap(policy)  # under torchrun, DDP: backward averages the gradients over the ranks
+    train_policy = torch.compile(train_policy) if args.compile else train_policy
     # what --resume restores besides the weights; the reference's log-probs are computed again, the same
     state = dict(optimizer=optimizer, data_rng=data_rng)
-    start, saved = resume_or_start(args, policy, state)
+    start, saved = dist.resume_or_start(args, policy, state)
     order = saved.get("order", [])  # the epoch under way
-    log = Log(args.out, first_step=start)
+    log = Log(args.out, first_step=start) if dist.is_main else dist.skip
 
     # The reference's log-probs, once for the whole run (see the module docstring): constants from here on.
     t_start = time.time()  # the training's time includes them
@@ -378,13 +383,14 @@ if __name__ == "__main__":
 
     # ---- training loop ----------------------------------------------------------------------------
     last = args.max_steps - 1
-    for step in tqdm(range(start, args.max_steps), "dpo", initial=start, total=args.max_steps, disable=None):
+    for step in tqdm(range(start, args.max_steps), "dpo", initial=start, total=args.max_steps,
+                     disable=dist.tqdm_disable):
         t0 = time.time()
         for g in optimizer.param_groups:
             g["lr"] = lr_at(step)
         if len(order) < args.batch_size:  # epochs: every prompt once, in a fresh order each pass
             order += data_rng.sample(range(len(train_groups)), len(train_groups))
-        idx, order = order[: args.batch_size], order[args.batch_size:]
+        idx, order = dist.shard(order[: args.batch_size]), order[args.batch_size:]  # this rank's prompts
         tokens, attn, mask, chosen, rejected = get_batch([train_groups[i] for i in idx])
         ref_logprobs = torch.cat([ref_seq[i] for i in idx]).to(device)     # (N,), precomputed, no gradient
         with autocast:
@@ -392,7 +398,8 @@ if __name__ == "__main__":
         logprobs = sequence_logprobs(logits, tokens, mask)                  # (N,): log pi(y|x), EOS included
         pair = (logprobs[chosen], logprobs[rejected], ref_logprobs[chosen], ref_logprobs[rejected])  # (P,)
         # L = -mean log sigmoid(beta * [log pi/pi_ref (chosen) - log pi/pi_ref (rejected)]) over the pairs
-        loss = dpo_loss(*pair, args.beta, args.loss_type, args.label_smoothing)
+        # (the mean over the pairs of the whole batch, every rank's: dist.batch_mean)
+        loss = dist.batch_mean(dpo_loss(*pair, args.beta, args.loss_type, args.label_smoothing), len(chosen))
         check_finite(loss, step, args.out)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -401,11 +408,13 @@ if __name__ == "__main__":
 
         evaluate_now = step % args.eval_interval == 0 or step == last
         if step % 10 == 0 or evaluate_now:
-            metrics = dict(loss=loss, **dpo_stats(*pair, args.beta), grad_norm=grad_norm, lr=lr_at(step),
+            stats = dist.batch_stats(dpo_stats(*pair, args.beta), len(chosen))  # means over the batch's pairs
+            metrics = dict(loss=loss, **stats, grad_norm=grad_norm, lr=lr_at(step),
                            ms=(time.time() - t0) * 1000)
-            if evaluate_now and val_groups:  # the first --monitor-prompts, the final evaluation all of them
+            evaluate_here = evaluate_now and dist.is_main  # rank 0 alone; the others wait at the next step
+            if evaluate_here and val_groups:  # the first --monitor-prompts, the final evaluation all of them
                 metrics.update(validate(args.monitor_prompts))
-            if evaluate_now and builtin:
+            if evaluate_here and builtin:
                 # the policy's own samples on held-out prompts: what training has done so far (same seed
                 # every time, so the points differ by the policy, not by the sampling noise)
                 m, samples = evaluate(policy, enc, task.heldout_prompts()[: args.monitor_prompts],
@@ -413,17 +422,20 @@ if __name__ == "__main__":
                 policy.train()
                 metrics.update(eval_gold_reward=m["gold_reward_mean"], kl=m["kl_to_sft"])
             log(step, **metrics)
-            if evaluate_now and builtin:
+            if evaluate_here and builtin:
                 print_samples(samples, 2)
         if (step + 1) % args.ckpt_interval == 0 and step < last:
-            save_resume(args.out, policy, enc.name, args, step + 1, state, order=order)
+            dist.save_resume(args.out, policy, enc.name, args, step + 1, state, order=order)
     train_seconds = time.time() - t_start
+    if not dist.is_main:  # rank 0 alone evaluates and writes the result; the others wait for it
+        dist.barrier()
+        sys.exit()
 
     # ---- final evaluation and save ----------------------------------------------------------------
     policy.eval()
     # held and needed: the policy and the reference (its log-probs, once, and the KL of the evaluations)
     extra = dict(train_seconds=train_seconds, peak_memory_mb=peak_memory_mb(device), models_in_memory=2,
-                 models_needed=2)
+                 models_needed=2, world_size=dist.WORLD_SIZE)
     # the result is saved before anything that could fail, then again with the evaluation's numbers
     save_checkpoint(args.out, policy, enc.name, asdict(args), args.max_steps, extra)
     remove_resume(args.out)
@@ -442,3 +454,4 @@ if __name__ == "__main__":
             print(f"SFT, as train_sft.py measured it: {summary_line(ck['extra'])}")
     save_checkpoint(args.out, policy, enc.name, asdict(args), args.max_steps, extra)
     print(f"saved {args.out}/ckpt.pt after {train_seconds:.0f} s of training")
+    dist.barrier()  # the other ranks exit with this one
