@@ -27,20 +27,22 @@ from their score; the KL coefficient is adaptive (Ziegler et al.) unless `--kl-t
     python train_ppo.py                                   # after train_sft.py and train_rm.py, CPU
     python train_ppo.py --reward-model out/rm_a:0.7 --reward-model out/rm_b:0.3   # several RMs, weighted
     python train_ppo.py --init out/sft --reward-model out/rm --device cuda --batch-size 256   # one GPU
+    torchrun --standalone --nproc_per_node 8 train_ppo.py --device cuda --batch-size 256   # 8 GPUs, 32 each
 
 A stopped run continues with `--resume` (policy, critic, both optimizers, KL coefficient and RNGs).
 """
 
 import copy
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 from tqdm import tqdm
 
-from minirlhf import task
-from minirlhf.checkpoint import load_model, remove_resume, resume_or_start, save_checkpoint, save_resume
+from minirlhf import dist, task
+from minirlhf.checkpoint import load_model, remove_resume, save_checkpoint
 from minirlhf.cli import (Log, arg, check_device, check_dtype, check_finite, fraction, nonnegative, one_of,
                           parse_args, peak_memory_mb, positive, require)
 from minirlhf.data import left_pad, read_jsonl
@@ -416,7 +418,8 @@ def rollout(policy, ref, critic, rms, enc, prompts, args, kl_coef, generator):
     scores = scores - args.missing_eos_penalty * (~has_eos).float()
     rewards = token_rewards(scores, logprobs, ref_logprobs, mask, kl_coef)   # -beta kl_t (+ score at the end)
     advantages, returns = gae(rewards, values, mask, args.gamma, args.lam)   # returns taken before whitening
-    advantages = masked_whiten(advantages, mask)
+    # whitened with the mean and std of the whole batch's tokens, every rank's (dist.gather), not this rank's
+    advantages = dist.shard(masked_whiten(dist.gather(advantages), dist.gather(mask)))[:, :mask.size(1)]
     P = idx.size(1)
     texts = [decode_response(enc, row[m.bool()].tolist()) for row, m in zip(seqs[:, P:], mask[:, P:])]
     return dict(seqs=seqs, attn=attn, mask=mask, logprobs=logprobs, ref_logprobs=ref_logprobs, values=values,
@@ -429,6 +432,7 @@ if __name__ == "__main__":
 
     # ---- device, dtype, seed ----------------------------------------------------------------------
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = dist.init(device)  # under torchrun: join the process group; cuda becomes cuda:LOCAL_RANK
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=(dtype == "bfloat16"))
     if args.threads:
@@ -436,7 +440,8 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     data_rng = random.Random(args.seed)                           # which prompts each rollout
-    generator = torch.Generator(device=device).manual_seed(args.seed)  # sampling and minibatch order
+    # sampling and minibatch order: each rank samples its own prompts' responses with its own generator
+    generator = torch.Generator(device=device).manual_seed(args.seed + dist.RANK)
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
 
@@ -467,6 +472,8 @@ if __name__ == "__main__":
               "tokens the context leaves them, and lose their start")
     require(args.batch_size % args.minibatch_size == 0,
             f"--batch-size {args.batch_size} is not a multiple of --minibatch-size {args.minibatch_size}")
+    # each of the W ranks rolls out B = batch_size / W prompts and updates on minibatches of M of them
+    B, M = dist.split(args.batch_size, "--batch-size"), dist.split(args.minibatch_size, "--minibatch-size")
 
     # ---- optimizer --------------------------------------------------------------------------------
     fused = device.startswith("cuda")
@@ -478,19 +485,24 @@ if __name__ == "__main__":
     # The rollout's log-probs stay eager, so the first ratio is 1 up to the compiled kernels' rounding.
     update_policy_forward = torch.compile(policy_forward) if args.compile else policy_forward
     update_critic_forward = torch.compile(critic_forward) if args.compile else critic_forward
+    # under torchrun, DDP for the update (backward averages the gradients over the ranks); the rollout
+    # samples and scores with the models themselves
+    train_policy, train_critic = dist.wrap(policy), dist.wrap(critic)
     # what --resume restores besides the policy's weights
     state = dict(critic=critic, policy_opt=policy_opt, critic_opt=critic_opt, generator=generator,
                  data_rng=data_rng)
-    start, saved = resume_or_start(args, policy, state)
+    start, saved = dist.resume_or_start(args, policy, state)
     kl_ctl.value = saved.get("kl_coef", kl_ctl.value)
-    log = Log(args.out, first_step=start)
+    log = Log(args.out, first_step=start) if dist.is_main else dist.skip
 
     # ---- training loop ----------------------------------------------------------------------------
     last = args.max_steps - 1
     t_start = time.time()
-    for step in tqdm(range(start, args.max_steps), "ppo", initial=start, total=args.max_steps, disable=None):
+    for step in tqdm(range(start, args.max_steps), "ppo", initial=start, total=args.max_steps,
+                     disable=dist.tqdm_disable):
         t0 = time.time()
         batch_prompts = [prompts[data_rng.randrange(len(prompts))] for _ in range(args.batch_size)]
+        batch_prompts = dist.shard(batch_prompts)  # this rank's B of the same global batch
         with autocast:
             b = rollout(policy, ref, critic, rms, enc, batch_prompts, args, kl_ctl.value, generator)
         mask = b["mask"]
@@ -501,17 +513,20 @@ if __name__ == "__main__":
         critic.train()
         stats = {}  # per minibatch: the two losses and what their stats twins report
         for epoch in range(args.ppo_epochs):
-            perm = torch.randperm(args.batch_size, generator=generator, device=device)
-            for mb in perm.split(args.minibatch_size):
+            perm = torch.randperm(B, generator=generator, device=device)
+            for mb in perm.split(M):
                 m = mask[mb]
                 with autocast:
                     tokens, attn = b["seqs"][mb], b["attn"][mb]
-                    logprobs, _ = update_policy_forward(policy, tokens, attn, args.temperature)
-                    values = update_critic_forward(critic, tokens, attn)
+                    logprobs, _ = update_policy_forward(train_policy, tokens, attn, args.temperature)
+                    values = update_critic_forward(train_critic, tokens, attn)
+                # token means over the minibatch's tokens on every rank (dist.batch_mean), of:
                 # L_pg = mean_t max(-A_t rho_t, -A_t clip(rho_t, 1 +- eps)),  rho_t = pi / pi_old
                 pg_loss = ppo_policy_loss(logprobs, b["logprobs"][mb], b["advantages"][mb], m, args.clip_eps)
+                pg_loss = dist.batch_mean(pg_loss, m.sum())
                 # L_vf = 0.5 mean_t max((V_t - G_t)^2, (V_old + clip(V_t - V_old) - G_t)^2)
                 vf_loss = ppo_value_loss(values, b["values"][mb], b["returns"][mb], m, args.vf_clip_eps)
+                vf_loss = dist.batch_mean(vf_loss, m.sum())
                 check_finite(pg_loss + vf_loss, step, args.out)
                 policy_opt.zero_grad(set_to_none=True)
                 critic_opt.zero_grad(set_to_none=True)
@@ -522,22 +537,25 @@ if __name__ == "__main__":
                 critic_opt.step()
                 s = {**ppo_policy_stats(logprobs, b["logprobs"][mb], b["advantages"][mb], m, args.clip_eps),
                      **ppo_value_stats(values, b["values"][mb], b["returns"][mb], m, args.vf_clip_eps)}
+                s = dist.batch_stats(s, m.sum())  # means over the minibatch's tokens, every rank's
                 for k, v in (("pg_loss", pg_loss), ("vf_loss", vf_loss), *s.items()):
                     stats.setdefault(k, []).append(v.item())
 
+        # the rollout's numbers are the whole batch's: every rank's rows (dist.gather), as one process's
+        mask, entropy, scores, has_eos = (dist.gather(b[k]) for k in ("mask", "entropy", "scores", "has_eos"))
         # KL(pi || pi_ref) of this rollout, per response (summed over its tokens, k1); drives the controller
-        kl = ((b["logprobs"] - b["ref_logprobs"]) * mask).sum(1).mean().item()
+        kl = dist.gather(((b["logprobs"] - b["ref_logprobs"]) * b["mask"]).sum(1)).mean().item()
         kl_ctl.update(kl, args.batch_size)
-        returns, old_values = b["returns"], b["values"]
+        returns, old_values = dist.gather(b["returns"]), dist.gather(b["values"])
         explained_var = 1 - masked_var(returns - old_values, mask) / masked_var(returns, mask).clamp(min=1e-8)
-        metrics = dict(rm_reward=b["scores"].mean(), kl=kl, kl_coef=kl_ctl.value,
-                       entropy=masked_mean(b["entropy"], mask),
-                       **{k: sum(v) / len(v) for k, v in stats.items()}, explained_var=explained_var,
-                       response_len=mask.sum(1).float().mean(), eos_rate=b["has_eos"].float().mean(),
+        metrics = dict(rm_reward=scores.mean(), kl=kl, kl_coef=kl_ctl.value,
+                       entropy=masked_mean(entropy, mask), **{k: sum(v) / len(v) for k, v in stats.items()},
+                       explained_var=explained_var, response_len=mask.sum(1).float().mean(),
+                       eos_rate=has_eos.float().mean(),
                        first_approx_kl=stats["approx_kl"][0], rollout_ms=b["sample_seconds"] * 1000,
                        score_ms=(t_rollout - b["sample_seconds"]) * 1000, ms=(time.time() - t0) * 1000)
         if builtin:  # the gold reward of the rollout (the simulated human: training never sees it)
-            gold = [task.judge(p, t) for p, t in zip(batch_prompts, b["texts"])]
+            gold = dist.gather_list([task.judge(p, t) for p, t in zip(batch_prompts, b["texts"])])
             metrics["gold_reward"] = sum(gold) / len(gold)
         log(step, **metrics)
         evaluate_now = step % args.eval_interval == 0 or step == last
@@ -545,8 +563,11 @@ if __name__ == "__main__":
             for p, t in list(zip(batch_prompts, b["texts"]))[:3]:
                 print(f"    {p!r:42} -> {t!r}")
         if (step + 1) % args.ckpt_interval == 0 and step < last:
-            save_resume(args.out, policy, enc.name, args, step + 1, state, kl_coef=kl_ctl.value)
+            dist.save_resume(args.out, policy, enc.name, args, step + 1, state, kl_coef=kl_ctl.value)
     train_seconds = time.time() - t_start
+    if not dist.is_main:  # rank 0 alone evaluates and writes the result; the others wait for it
+        dist.barrier()
+        sys.exit()
 
     # ---- final evaluation and save ----------------------------------------------------------------
     for before, m in zip(frozen_before, frozen):
@@ -554,7 +575,7 @@ if __name__ == "__main__":
     print("reference and reward models unchanged: ok")
     policy.eval()
     extra = dict(train_seconds=train_seconds, peak_memory_mb=peak_memory_mb(device),
-                 models_in_memory=3 + len(rms), kl_coef=kl_ctl.value)
+                 models_in_memory=3 + len(rms), kl_coef=kl_ctl.value, world_size=dist.WORLD_SIZE)
     # the result is saved before anything that could fail, then again with the evaluation's numbers
     save_checkpoint(args.out, policy, enc.name, asdict(args), args.max_steps, extra)
     remove_resume(args.out)
@@ -566,3 +587,4 @@ if __name__ == "__main__":
         print(summary_line(metrics))
         save_checkpoint(args.out, policy, enc.name, asdict(args), args.max_steps, {**extra, **metrics})
     print(f"saved {args.out}/ckpt.pt after {train_seconds:.0f} s of training")
+    dist.barrier()  # the other ranks exit with this one
