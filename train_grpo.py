@@ -44,6 +44,8 @@ among the --monitor-prompts) and `kl_to_sft`.
     python train_grpo.py --reward verifier --out out/grpo_verifier     # no reward model: the task's check
     python train_grpo.py --data qa.jsonl --reward verifier  # prompts with an "answer" field each
     python train_grpo.py --device cuda --batch-size 64 --group-size 16 --minibatch-size 16    # one GPU
+    torchrun --standalone --nproc_per_node 8 train_grpo.py --device cuda --batch-size 64 \
+        --group-size 16 --minibatch-size 16            # 8 GPUs: 8 prompts' groups each, 2 per minibatch
 
 Reads out/sft (policy init and reference) and out/rm (`--reward-model PATH[:WEIGHT]`, repeatable);
 writes out/grpo/ckpt.pt and out/grpo/metrics.jsonl. A stopped run continues with `--resume`.
@@ -51,14 +53,15 @@ writes out/grpo/ckpt.pt and out/grpo/metrics.jsonl. A stopped run continues with
 
 import copy
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 from tqdm import tqdm
 
-from minirlhf import task
-from minirlhf.checkpoint import load_model, remove_resume, resume_or_start, save_checkpoint, save_resume
+from minirlhf import dist, task
+from minirlhf.checkpoint import load_model, remove_resume, save_checkpoint
 from minirlhf.cli import (Log, arg, check_device, check_dtype, check_finite, nonnegative, one_of, parse_args,
                           peak_memory_mb, positive, require, warmup_cosine)
 from minirlhf.data import left_pad, read_jsonl
@@ -196,6 +199,16 @@ def aggregate(x: torch.Tensor, mask: torch.Tensor, loss_agg: str) -> torch.Tenso
     raise ValueError(f"unknown loss aggregation {loss_agg!r}: expected 'grpo', 'token' or 'dr_grpo'")
 
 
+def aggregate_count(mask: torch.Tensor, loss_agg: str) -> torch.Tensor:
+    """What `aggregate` divides by: the responses with a token ("grpo"), the tokens ("token"), B * T
+    ("dr_grpo"), so that dist.batch_mean pools the ranks' losses with the same weights. (Under torchrun
+    Dr. GRPO's constant becomes the sum over ranks of B_r * T_r, each rank's rollout padded to its own T.)"""
+    mask = mask.to(torch.float32)
+    if loss_agg == "grpo":
+        return (mask.sum(dim=1) > 0).sum()
+    return mask.sum() if loss_agg == "token" else torch.tensor(float(mask.numel()))
+
+
 def grpo_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -326,6 +339,7 @@ if __name__ == "__main__":
 
     # ---- device, dtype, seed ----------------------------------------------------------------------
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = dist.init(device)  # under torchrun: join the process group; cuda becomes cuda:LOCAL_RANK
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=(dtype == "bfloat16"))
     if args.threads:
@@ -333,7 +347,8 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     data_rng = random.Random(args.seed)                                # which prompts each step
-    generator = torch.Generator(device=device).manual_seed(args.seed)  # sampling, minibatch order
+    # sampling and minibatch order: each rank samples its own prompts' groups with its own generator
+    generator = torch.Generator(device=device).manual_seed(args.seed + dist.RANK)
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
 
@@ -346,6 +361,9 @@ if __name__ == "__main__":
     require(args.batch_size % args.minibatch_size == 0,
             f"--batch-size {args.batch_size} is not a multiple of --minibatch-size {args.minibatch_size}")
     require(args.group_size >= 2, f"--group-size {args.group_size}: a group needs 2 responses or more")
+    # each of the W ranks samples the groups of B = batch_size / W prompts (a group never straddles two
+    # ranks) and updates on minibatches of M of its groups
+    B, M = dist.split(args.batch_size, "--batch-size"), dist.split(args.minibatch_size, "--minibatch-size")
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
     rms = load_reward_models(args.reward_model, device, enc.name, block_size) if args.reward == "rm" else []
     # The reference and reward models must never change: keep a copy of their weights to check at the end.
@@ -381,18 +399,20 @@ if __name__ == "__main__":
     lr_at = lambda step: warmup_cosine(step, args.lr, args.warmup_steps, args.max_steps)  # noqa: E731
     # --compile speeds up the update's forward only: the sampler feeds the model a new shape each step.
     update_forward = torch.compile(policy_forward) if args.compile else policy_forward
+    train_policy = dist.wrap(policy)  # under torchrun, DDP for the update; the rollout uses the policy itself
     state = dict(optimizer=optimizer, data_rng=data_rng, generator=generator)  # what --resume restores
-    start, _ = resume_or_start(args, policy, state)
-    log = Log(args.out, first_step=start)
+    start, _ = dist.resume_or_start(args, policy, state)
+    log = Log(args.out, first_step=start) if dist.is_main else dist.skip
 
     # ---- training loop ----------------------------------------------------------------------------
     G, last = args.group_size, args.max_steps - 1
     t_start = time.time()
-    for step in tqdm(range(start, args.max_steps), "grpo", initial=start, total=args.max_steps, disable=None):
+    for step in tqdm(range(start, args.max_steps), "grpo", initial=start, total=args.max_steps,
+                     disable=dist.tqdm_disable):
         t0 = time.time()
         for g in optimizer.param_groups:
             g["lr"] = lr_at(step)
-        pick = [data_rng.randrange(len(prompts)) for _ in range(args.batch_size)]
+        pick = dist.shard([data_rng.randrange(len(prompts)) for _ in range(args.batch_size)])  # this rank's B
         with autocast:
             b = rollout(policy, ref, rms, enc, [prompts[i] for i in pick], [answers[i] for i in pick], args,
                         generator)
@@ -403,37 +423,42 @@ if __name__ == "__main__":
         policy.train()
         losses, stats, grad_norms = [], [], []
         for epoch in range(args.ppo_epochs):
-            perm = torch.randperm(args.batch_size, generator=generator, device=device)  # groups, not rows
-            for groups in perm.split(args.minibatch_size):
+            perm = torch.randperm(B, generator=generator, device=device)  # groups, not rows
+            for groups in perm.split(M):
                 mb = (groups[:, None] * G + torch.arange(G, device=device)).view(-1)  # each group's G rows
                 with autocast:
-                    logprobs, _ = update_forward(policy, b["seqs"][mb], b["attn"][mb], args.temperature)
+                    logprobs, _ = update_forward(train_policy, b["seqs"][mb], b["attn"][mb], args.temperature)
                 inputs = (logprobs, b["logprobs"][mb], b["ref_logprobs"][mb], b["advantages"][mb], mask[mb])
-                # l_t = -(min(rho_t A, clip(rho_t, 1 +- eps) A) - beta * KL3_t), pooled by --loss-agg
+                # l_t = -(min(rho_t A, clip(rho_t, 1 +- eps) A) - beta * KL3_t), pooled by --loss-agg over
+                # the minibatch's rows on every rank (dist.batch_mean)
                 loss = grpo_loss(*inputs, args.clip_eps, args.kl_coef, args.loss_agg)
+                loss = dist.batch_mean(loss, aggregate_count(mask[mb], args.loss_agg))
                 check_finite(loss, step, args.out)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norms.append(torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip).item())
                 optimizer.step()
                 losses.append(loss.item())
-                stats.append(grpo_stats(*inputs, args.clip_eps, args.loss_agg))
+                # of the minibatch's rows on every rank (dist.gather): its min, max and std are the batch's
+                stats.append(grpo_stats(*map(dist.gather, inputs), args.clip_eps, args.loss_agg))
 
-        r = b["scores"].view(-1, G)                                                  # (batch_size, G)
+        # the rollout's numbers are the whole batch's: every rank's rows (dist.gather), as one process's
+        mask, entropy, has_eos = (dist.gather(b[k]) for k in ("mask", "entropy", "has_eos"))
+        r = dist.gather(b["scores"]).view(-1, G)                                     # (batch_size, G)
         metrics = dict(loss=sum(losses) / len(losses),
                        **{k: sum(s[k].item() for s in stats) / len(stats) for k in stats[0]},
                        first_approx_kl=stats[0]["approx_kl"], reward=r.mean(), reward_std=r.std(),
                        group_reward_std=r.std(dim=1).mean(),
                        zero_var_groups=(r.amax(1) == r.amin(1)).float().mean(),    # no signal: A = 0
-                       response_len=mask.sum(1).float().mean(), entropy=masked_mean(b["entropy"], mask),
-                       eos_rate=b["has_eos"].float().mean())
+                       response_len=mask.sum(1).float().mean(), entropy=masked_mean(entropy, mask),
+                       eos_rate=has_eos.float().mean())
         if builtin:
-            gold = [task.judge(p, t) for p, t in zip(b["prompts"], b["texts"])]
+            gold = dist.gather_list([task.judge(p, t) for p, t in zip(b["prompts"], b["texts"])])
             metrics["gold_reward"] = sum(gold) / len(gold)
         metrics.update(grad_norm=sum(grad_norms) / len(grad_norms), lr=lr_at(step),
                        rollout_ms=t_rollout * 1000, ms=(time.time() - t0) * 1000)
         evaluate_now = step % args.eval_interval == 0 or step == last
-        if evaluate_now and builtin:
+        if evaluate_now and builtin and dist.is_main:
             # the policy's own samples on held-out prompts (same seed every time: the points differ by the
             # policy, not by the sampling noise): gold reward, each kind's correct rate, KL to the SFT model
             m, samples = evaluate(policy, enc, task.heldout_prompts()[: args.monitor_prompts],
@@ -445,8 +470,11 @@ if __name__ == "__main__":
             for p, t, s in list(zip(b["prompts"], b["texts"], b["scores"].tolist()))[::G][:3]:
                 print(f"  {p!r:42} -> {t!r} (reward {s:+.2f})")
         if (step + 1) % args.ckpt_interval == 0 and step < last:
-            save_resume(args.out, policy, enc.name, args, step + 1, state)
+            dist.save_resume(args.out, policy, enc.name, args, step + 1, state)
     train_seconds = time.time() - t_start
+    if not dist.is_main:  # rank 0 alone evaluates and writes the result; the others wait for it
+        dist.barrier()
+        sys.exit()
 
     # ---- checks, final evaluation and save -------------------------------------------------------
     for before, m in zip(frozen_before, frozen):
@@ -455,7 +483,7 @@ if __name__ == "__main__":
     policy.eval()
     # held and needed: the policy, the reference and the reward model(s); the verifier is a function
     extra = dict(train_seconds=train_seconds, peak_memory_mb=peak_memory_mb(device),
-                 models_in_memory=2 + len(rms))
+                 models_in_memory=2 + len(rms), world_size=dist.WORLD_SIZE)
     # the result is saved before anything that could fail, then again with the evaluation's numbers
     save_checkpoint(args.out, policy, enc.name, asdict(args), args.max_steps, extra)
     remove_resume(args.out)
@@ -471,3 +499,4 @@ if __name__ == "__main__":
             print(f"SFT, as train_sft.py measured it: {summary_line(ck['extra'])}")
         save_checkpoint(args.out, policy, enc.name, asdict(args), args.max_steps, {**extra, **metrics})
     print(f"saved {args.out}/ckpt.pt after {train_seconds:.0f} s of training")
+    dist.barrier()  # the other ranks exit with this one
