@@ -49,6 +49,7 @@ the time of sampling and of scoring that round's candidates.
     python train_rrhf.py --rounds 2 --max-steps 240 --resume # continue it after a stop
     python train_rrhf.py --init out/sft --reward-model out/rm --data hh.jsonl --device cuda \\
         --batch-size 32 --n-prompts 8192 --max-steps 2000 --max-new-tokens 128              # one GPU
+    torchrun --standalone --nproc_per_node 8 train_rrhf.py --device cuda ...  # 8 GPUs: a pool split 8 ways
 
 Reads out/sft (policy init and the KL reference) and out/rm (`--reward-model PATH[:WEIGHT]`, repeatable);
 writes out/rrhf/ckpt.pt and out/rrhf/metrics.jsonl. On the built-in task, reports the held-out mean gold
@@ -56,14 +57,15 @@ reward with its standard error, the RM reward and the KL to the SFT model, next 
 """
 
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 from tqdm import tqdm
 
-from minirlhf import task
-from minirlhf.checkpoint import load_model, remove_resume, resume_or_start, save_checkpoint, save_resume
+from minirlhf import dist, task
+from minirlhf.checkpoint import load_model, remove_resume, save_checkpoint
 from minirlhf.cli import (Log, adamw, arg, check_device, check_dtype, check_finite, nonnegative, parse_args,
                           peak_memory_mb, positive, require, warmup_cosine)
 from minirlhf.data import PairRecord, RankRecord, SFTRecord, join_prompt_response, read_jsonl
@@ -186,6 +188,8 @@ if __name__ == "__main__":
 
     # ---- device, dtype, seed ----------------------------------------------------------------------
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = dist.init(device)  # under torchrun: join the process group; cuda becomes cuda:LOCAL_RANK
+    dist.split(args.batch_size, "--batch-size")  # each of the W ranks trains on batch_size / W prompts
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=(dtype == "bfloat16"))
     if args.threads:
@@ -193,7 +197,8 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     data_rng = random.Random(args.seed)                           # which prompts each round, batch order
-    generator = torch.Generator(device=device).manual_seed(args.seed)  # the candidates' sampling
+    # the candidates' sampling: each rank samples its share of a round's prompts with its own generator
+    generator = torch.Generator(device=device).manual_seed(args.seed + dist.RANK)
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
 
@@ -269,27 +274,32 @@ if __name__ == "__main__":
     # ---- optimizer --------------------------------------------------------------------------------
     optimizer = adamw(policy, args.lr, args.weight_decay, device)
     lr_at = lambda step: warmup_cosine(step, args.lr, args.warmup_steps, args.max_steps)  # noqa: E731
-    train_policy = torch.compile(policy) if args.compile else policy
+    train_policy = dist.wrap(policy)  # under torchrun, DDP: backward averages the gradients over the ranks
+    train_policy = torch.compile(train_policy) if args.compile else train_policy
     # what --resume restores besides the weights. The round's scored candidates are saved as they are:
     # after the first round they come from a policy that no longer exists, so they cannot be sampled again.
     state = dict(optimizer=optimizer, data_rng=data_rng, generator=generator)
-    start, saved = resume_or_start(args, policy, state)
+    start, saved = dist.resume_or_start(args, policy, state)
     round_, order = saved.get("round", -1), saved.get("order", [])
     prompt_ids, response_ids, rewards, gold = (saved.get(k) for k in ("prompt_ids", "response_ids", "rewards",
                                                                       "gold"))
-    log = Log(args.out, first_step=start)
+    log = Log(args.out, first_step=start) if dist.is_main else dist.skip
 
     # ---- training loop ----------------------------------------------------------------------------
     last = args.max_steps - 1
     t_start = time.time()
-    for step in tqdm(range(start, args.max_steps), "rrhf", initial=start, total=args.max_steps, disable=None):
+    for step in tqdm(range(start, args.max_steps), "rrhf", initial=start, total=args.max_steps,
+                     disable=dist.tqdm_disable):
         round_times = {}  # a round's rollout_ms and score_ms, logged with its first step
         if step * args.rounds // args.max_steps > round_:
             # ---- a new round: candidates from the current policy (round 1: still the SFT model), scored
             round_ += 1
             t0 = time.time()
             pool = data_rng.sample(records, min(args.n_prompts, len(records)))
-            prompt_ids, response_ids, rewards, gold, round_times = collect(pool)
+            # each rank samples and scores its share of the pool; then every rank holds all of it
+            prompt_ids, response_ids, rewards, gold, round_times = collect(dist.shard(pool))
+            prompt_ids, response_ids, rewards = map(dist.gather_list, (prompt_ids, response_ids, rewards))
+            gold = dist.gather_list(gold) if builtin else None
             order = []
             best = rewards.argmax(1, keepdim=True)  # the candidate L_ft trains on
             line = (f"round {round_ + 1}/{args.rounds} | {len(pool)} prompts x {K} candidates | "
@@ -305,13 +315,15 @@ if __name__ == "__main__":
         if len(order) < args.batch_size:  # a new pass over the round's prompts, in a new order
             order = data_rng.sample(range(len(prompt_ids)), len(prompt_ids))
         idx, order = order[: args.batch_size], order[args.batch_size:]
-        tokens, attn, mask, batch_rewards = get_batch(idx)
+        mine = dist.shard(idx)  # this rank's slice of the batch
+        tokens, attn, mask, batch_rewards = get_batch(mine)
         with autocast:
             logits = train_policy(tokens, attn)                                  # (B*K, T, V)
-        logprobs = token_logprobs(logits, tokens).view(len(idx), K, -1)          # (B, K, T), as the tokens
-        mask = mask.view(len(idx), K, -1)                                        # (B, K, T), 1 on responses
+        logprobs = token_logprobs(logits, tokens).view(len(mine), K, -1)         # (B, K, T), as the tokens
+        mask = mask.view(len(mine), K, -1)                                       # (B, K, T), 1 on responses
         # L = sum_{r_i < r_j} max(0, p_i - p_j) - mean_t log pi(y_best): rank by reward, SFT on the best
-        loss = rrhf_loss(logprobs, mask, batch_rewards, args.length_penalty)
+        # (the mean over the prompts of the whole batch, every rank's: dist.batch_mean)
+        loss = dist.batch_mean(rrhf_loss(logprobs, mask, batch_rewards, args.length_penalty), len(mine))
         check_finite(loss, step, args.out)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -320,15 +332,16 @@ if __name__ == "__main__":
 
         evaluate_now = step % args.eval_interval == 0 or step == last
         if step % 10 == 0 or evaluate_now or round_times:
-            metrics = dict(loss=loss, **rrhf_stats(logprobs, mask, batch_rewards, args.length_penalty),
-                           rm_reward=batch_rewards.mean(), grad_norm=grad_norm, lr=lr_at(step), **round_times,
-                           ms=(time.time() - t0) * 1000)
+            # the whole batch's: every rank's rows (dist.gather); the pool (rewards, gold) is on every rank
+            stats = rrhf_stats(*map(dist.gather, (logprobs, mask, batch_rewards)), args.length_penalty)
+            metrics = dict(loss=loss, **stats, rm_reward=rewards[idx].mean(), grad_norm=grad_norm,
+                           lr=lr_at(step), **round_times, ms=(time.time() - t0) * 1000)
             if builtin:  # the gold of the candidates, and of the one the RM ranks first (L_ft's target)
                 batch_gold = gold[idx]                                                       # (B, K)
-                best = batch_rewards.argmax(1, keepdim=True).cpu()                           # (B, 1)
+                best = rewards[idx].argmax(1, keepdim=True)                                  # (B, 1)
                 metrics.update(gold_reward=batch_gold.mean(),
                                gold_reward_best=batch_gold.gather(1, best).mean())
-            if evaluate_now and builtin:
+            if evaluate_now and builtin and dist.is_main:
                 # the policy's own samples on held-out prompts: what training has done so far (same seed
                 # every time, so the points differ by the policy, not by the sampling noise)
                 m, samples = evaluate(policy, enc, task.heldout_prompts()[: args.monitor_prompts],
@@ -337,18 +350,22 @@ if __name__ == "__main__":
                 metrics.update(eval_gold_reward=m["gold_reward_mean"], eval_rm_reward=m["rm_reward_mean"],
                                kl=m["kl_to_sft"])
             log(step, **metrics)
-            if evaluate_now and builtin:
+            if evaluate_now and builtin and dist.is_main:
                 print_samples(samples, 2)
         if (step + 1) % args.ckpt_interval == 0 and step < last:
-            save_resume(args.out, policy, enc.name, args, step + 1, state, round=round_, order=order,
-                        prompt_ids=prompt_ids, response_ids=response_ids, rewards=rewards, gold=gold)
+            dist.save_resume(args.out, policy, enc.name, args, step + 1, state, round=round_, order=order,
+                             prompt_ids=prompt_ids, response_ids=response_ids, rewards=rewards, gold=gold)
     train_seconds = time.time() - t_start
+    if not dist.is_main:  # rank 0 alone evaluates and writes the result; the others wait for it
+        dist.barrier()
+        sys.exit()
 
     # ---- final evaluation and save ----------------------------------------------------------------
     policy.eval()
     # held: the policy, the reward model(s) and the SFT copy (for the KL only); needed: the policy, the RM(s)
     extra = dict(train_seconds=train_seconds, peak_memory_mb=peak_memory_mb(device),
-                 models_in_memory=1 + len(rms) + (ref is not None), models_needed=1 + len(rms))
+                 models_in_memory=1 + len(rms) + (ref is not None), models_needed=1 + len(rms),
+                 world_size=dist.WORLD_SIZE)
     # the result is saved before anything that could fail, then again with the evaluation's numbers
     save_checkpoint(args.out, policy, enc.name, asdict(args), args.max_steps, extra)
     remove_resume(args.out)
@@ -362,3 +379,4 @@ if __name__ == "__main__":
             print(f"SFT, as train_sft.py measured it: {summary_line(ck['extra'])}")
         save_checkpoint(args.out, policy, enc.name, asdict(args), args.max_steps, {**extra, **metrics})
     print(f"saved {args.out}/ckpt.pt after {train_seconds:.0f} s of training")
+    dist.barrier()  # the other ranks exit with this one
