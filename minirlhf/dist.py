@@ -192,7 +192,7 @@ def resume_or_start(args, model, state: dict):
     if failure[0]:
         raise failure[0]
     if not is_main:
-        with mock.patch.object(checkpoint, "take_lock", skip):
+        with mock.patch.object(checkpoint, "take_lock", skip):  # rank 0's lock stands for the whole job
             start, values = checkpoint.resume_or_start(args, model, state)
     for name, states in values.pop("rank_generators", {}).items():
         require(len(states) == WORLD_SIZE, f"{args.out}: the run was saved by {len(states)} process(es), "
