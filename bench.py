@@ -89,7 +89,7 @@ class Args:
     sft_batch: int = arg(0, "training: sequences per step (0 = 64 on the CPU, 16 on a GPU)")
     sft_len: int = arg(0, "training: tokens per sequence (0 = 128 on the CPU, 1024 on a GPU)")
     method_prompt_len: int = arg(0, "methods: prompt tokens (0 = 48 on the CPU, 64 on a GPU)")
-    method_new_tokens: int = arg(0, "methods: response tokens (0 = the scripts' 48 on the CPU, 256 on a GPU)")
+    method_new_tokens: int = arg(0, "methods: response tokens (0: 48 on the CPU, 256 on a GPU)")
     steps: int = arg(0, "methods: steps each script runs, the first a warm-up (0 = 3 with --quick, else 4)")
     tokenizer: str = arg("", "methods: '' = bytes for vocab 257, gpt2 for 50257; or a gpt2.tiktoken path")
     seed: int = arg(1337, "random seed")

@@ -118,7 +118,7 @@ class Args:
                              positive)
     eval_prompts: int = arg(300, "held-out prompts for the final evaluation, and comparisons (0: none)",
                             nonnegative)
-    max_new_tokens: int = arg(48, "response length limit when sampling; comparisons' responses are cut to it",
+    max_new_tokens: int = arg(64, "response length limit when sampling; comparisons' responses are cut to it",
                               positive)
     monitor_prompts: int = arg(64, "held-out prompts for the interval samples and comparisons", positive)
     gen_batch_size: int = arg(256, "sequences sampled or scored at once (without a gradient)", positive)

@@ -81,7 +81,7 @@ class Args:
     max_steps: int = arg(60, "PPO iterations (rollout + update)", positive)
     eval_interval: int = arg(20, "print decoded samples every this many iterations", positive)
     eval_prompts: int = arg(300, "held-out prompts for the final evaluation (0: none)", nonnegative)
-    max_new_tokens: int = arg(48, "response length limit", positive)
+    max_new_tokens: int = arg(64, "response length limit", positive)
     # PPO
     critic_init: str = arg("rm", "rm: the critic starts as the (first) reward model; sft: SFT trunk + a head",
                            one_of("rm", "sft"))

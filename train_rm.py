@@ -95,7 +95,7 @@ class Args:
     max_steps: int = arg(64, "optimisation steps (64 x 16 prompts: one epoch of the default 1024)", positive)
     eval_interval: int = arg(32, "held-out accuracy every this many steps", positive)
     eval_prompts: int = arg(300, "held-out prompts (built-in task) or validation records (--data)", positive)
-    max_new_tokens: int = arg(48, "response length limit when sampling", positive)
+    max_new_tokens: int = arg(64, "response length limit when sampling", positive)
     # the reward model: the comparisons (built-in task)
     k: int = arg(4, "built-in task: responses sampled per prompt and ranked together (at least 2)",
                  lambda v: None if v >= 2 else "must be at least 2: one response forms no comparison")

@@ -62,7 +62,7 @@ class Args:
     max_steps: int = arg(800, "optimisation steps", positive)
     eval_interval: int = arg(200, "held-out loss every this many steps", positive)
     eval_prompts: int = arg(300, "held-out prompts for the final evaluation (0: none)", nonnegative)
-    max_new_tokens: int = arg(48, "response length limit when sampling", positive)
+    max_new_tokens: int = arg(64, "response length limit when sampling", positive)
     # SFT: the model (a random init) and the demonstrations
     tokenizer: str = arg("", "bytes | gpt2 | path/to/gpt2.tiktoken; '' = --init's (bytes for a random init)")
     n_layer: int = arg(4, "model size for a random init (--init sets its own)", positive)

@@ -162,7 +162,23 @@ def test_sft_dataset_is_deterministic_and_from_train_prompts():
     assert data == sft_dataset(200, seed=3) and data != sft_dataset(200, seed=4)
     assert len(data) == 200 and {p for p, _ in data} <= set(train_prompts())
     assert all(isinstance(r, str) and r for _, r in data)
-    assert max(len(r) for _, r in data) <= 80  # with the template and prompt, fits a 128-token context
+    assert max(len(r) for _, r in data) <= 86  # with the template and prompt, fits a 128-token context
+
+
+def test_sft_dataset_balances_the_kinds():
+    # kinds are drawn uniformly, not prompts: add has 250 training prompts, the word kinds 550
+    data = sft_dataset(6000, seed=0)
+    shares = {k: sum(prompt_kind(p) == k for p, _ in data) / len(data) for k in task.KINDS}
+    assert all(abs(s - 1 / len(task.KINDS)) < 0.02 for s in shares.values()), shares
+
+
+def test_demonstrations_fit_the_default_sampling_limit():
+    # a reply cut at --max-new-tokens loses its answer (the grader reads the last one), so the default
+    # limit must hold nearly every demonstration the policy learns to imitate (bytes: one token a byte)
+    from train_sft import Args
+    data = sft_dataset(4000, seed=0)
+    cut = sum(len(r.encode()) + 2 > Args.max_new_tokens for _, r in data) / len(data)  # space and EOS
+    assert cut < 0.02, cut
 
 
 # ----------------------------------------------------------------------------------------------------
