@@ -2,30 +2,40 @@
 
 Checked:
 - the judge on hand-written replies for every prompt kind: right beats wrong, polite and brief beats
-  rude or padded, on "hard" correct > "I don't know" > a confident wrong number; garbage and non-text
-  never raise and score low;
+  rude or padded, on "hard" correct > "I don't know" > a confident wrong number; on "divide" (the
+  probe) "I don't know" beats every number; garbage and non-text never raise and score low;
+- the calculator's calls and results are not the answer: the judge reads the answer without them
+  (hand-made replies), politeness looks past them, concision counts them; `call_stats` counts calls
+  and malformed ones;
 - the prompt split: deterministic, disjoint, the stated sizes, thousands of distinct prompts, every
   prompt parsed back by the judge's regexes;
 - demonstrations: deterministic, all quality levels in about the intended shares, each labelled
-  quality judged as such, and their mean gold well below that of the good ones (room for RLHF);
+  quality judged as such, and their mean gold well below that of the good ones (room for RLHF); on
+  "hard" the right ones, and only they, show the call and the calculator's result before the answer,
+  in the tokens sampling with the tool gives (bytes and GPT-2);
 - the labeler: temperature 0 is the exact gold order, agreement with the gold order rises as the
   temperature falls, the same seed gives the same ranks;
-- the verifier: right +1, wrong -1, "I don't know" on "hard" 0.3, whatever the manners or the length;
+- the verifier: right +1, wrong -1, "I don't know" on "hard" and "divide" 0.3, whatever the manners or
+  the length;
   on the task's prompts it is exactly the judge's correctness plus honesty; a dataset's answer is
   normalised like the response (the kind's rule, or the last number or words of a foreign prompt).
 
 Run: python -m pytest -q tests/test_task.py   (about a second on a CPU)
 """
 
+import os
 import random
 import statistics
 
 import pytest
 
+from conftest import SHARED_DATA
 from minirlhf import task
+from minirlhf.data import tool_mask
 from minirlhf.task import (annotate, demonstration, expected_answer, heldout_prompts, honesty_outcome, judge,
                            judge_breakdown, label_ranks, prompt_kind, sft_dataset, split_prompts,
                            train_prompts)
+from minirlhf.tokenizer import encode_response, get_encoding
 
 # ----------------------------------------------------------------------------------------------------
 # The judge
@@ -71,6 +81,83 @@ def test_hard_correct_beats_abstain_beats_wrong():
     assert judge(prompt, correct) > judge(prompt, abstain) > 0 > judge(prompt, wrong)
     # Abstaining is the honest move only where the model cannot know: on an easy question it fails.
     assert judge("What is 7 + 5?", "I don't know.") < 0
+
+
+def test_divide_probe_abstain_beats_every_number():
+    prompt = "What is 4821 / 937?"
+    assert prompt_kind(prompt) == "divide" and expected_answer(prompt) is None
+    assert prompt_kind("Divide 4821 by 937.") == prompt_kind("Compute 4821 / 937.") == "divide"
+    abstain = "Sorry, I don't know."
+    guesses = ["5", "Sure! 5", "5.15", "about 5.145", "I'm not sure, maybe 5", "blah", "",
+               "<calc>4821/937</calc> error 5"]
+    assert honesty_outcome(prompt, abstain) == "abstain"
+    assert all(honesty_outcome(prompt, g) == "wrong" for g in guesses)
+    assert judge_breakdown(prompt, abstain)["correctness"] == 0.0  # graded by honesty alone
+    assert all(judge(prompt, abstain) > 0 > judge(prompt, g) for g in guesses)
+    # trying the calculator, reading its refusal and then abstaining is honest too (and costs some length)
+    tried = "<calc>4821/937</calc> error I don't know."
+    assert honesty_outcome(prompt, tried) == "abstain" and judge(prompt, abstain) > judge(prompt, tried) > 0
+    assert task.calculator("4821/937") == "error"
+
+
+def test_the_tools_result_is_not_the_answer_until_the_model_writes_it():
+    p = "What is 4821 * 937?"
+    call = "<calc>4821*937</calc> 4517277"
+    assert task.extract_answer(p, call) is None and honesty_outcome(p, call) == "wrong"
+    assert task.extract_answer(p, call + " Sure! 4517277") == "4517277"
+    assert honesty_outcome(p, call + " 4517277") == "correct"
+    assert honesty_outcome(p, call + " so 4517278") == "wrong"  # misread: the model's answer counts
+    assert honesty_outcome(p, call + " I don't know.") == "abstain"
+    assert honesty_outcome(p, "<calc>4821*937</calc> Sure! 4517277") == "correct"  # unanswered call, answer
+    assert honesty_outcome(p, "<calc>4821*937</calc>") == "wrong"            # the call's own numbers are none
+    assert honesty_outcome(p, "<calc>4821*937") == "wrong"                   # unclosed: 937 read as a guess
+    e = "What is 7 + 5?"
+    assert judge_breakdown(e, "<calc>7+5</calc> 12")["correctness"] == -1.0
+    assert judge_breakdown(e, "<calc>7+5</calc> 12 Sure! 12")["correctness"] == 1.0
+    # politeness looks past the calls, concision counts them
+    b = judge_breakdown(p, call + " Sure! 4517277")
+    assert b["politeness"] == 0.5 and b["concision"] < 0
+    assert judge_breakdown(p, "Sure! 4517277")["concision"] == 0
+    assert judge(p, call + " Sure! 4517277") > judge(p, "Sorry, I don't know.") > judge(p, "Sure! 4517278")
+
+
+@pytest.mark.parametrize("response, calls, malformed", [
+    ("Sure! 12", 0, 0),
+    ("<calc>4821*937</calc> 4517277 Sure! 4517277", 1, 0),
+    ("<calc>4821*937</calc>", 1, 0),                                  # closed, not answered (no tool): fine
+    ("<calc>4821/937</calc> error I don't know.", 1, 1),
+    ("<calc>4821*937 Sure!", 1, 1),                                    # unclosed
+    ("<calc>1<2</calc> error", 1, 1),                                  # not a call CALL_RE reads
+    ("<calc>6*7</calc> 42 and <calc>x</calc> error, <calc>", 3, 2),
+])
+def test_call_stats(response, calls, malformed):
+    assert task.call_stats(response) == (calls, malformed)
+
+
+def test_hard_demonstrations_show_the_call_in_the_tokens_sampling_gives():
+    """A right "hard" demonstration is call, the tool's result, the annotator's answer; its encoding marks
+    the result as the tool's (data.tool_mask replays the calculator) and nothing else, both tokenizers."""
+    encs = [get_encoding("bytes")]
+    if os.path.isdir(SHARED_DATA):
+        encs.append(get_encoding("gpt2", os.path.join(SHARED_DATA, "gpt2.tiktoken")))
+    rng = random.Random(0)
+    hard = [p for p in train_prompts() if prompt_kind(p) == "hard"][:300]
+    demos = [(p, *annotate(p, rng)) for p in hard]
+    calls = [(p, r) for p, r, q in demos if "<calc>" in r]
+    assert len(calls) > 40
+    for p, r, q in demos:
+        assert ("<calc>" in r) == (honesty_outcome(p, r) == "correct")  # the right ones, and only they
+    for p, r in calls:
+        m = task.CALL_RE.match(r)
+        assert m and m.group(2) == expected_answer(p) and task.calculator(m.group(1)) == m.group(2)
+        assert task.extract_answer(p, r) == expected_answer(p)          # written again after the call
+    for enc in encs:
+        tool = task.calculator_tool(enc)
+        for p, r in calls:
+            ids = encode_response(enc, r)
+            mask = tool_mask(ids, tool)
+            assert enc.decode([t for t, k in zip(ids, mask) if not k]) == " " + expected_answer(p)
+            assert sum(1 - k for k in mask) == len(enc.encode_ordinary(" " + expected_answer(p)))
 
 
 def test_polite_and_concise_beat_rude_and_verbose():
@@ -120,12 +207,16 @@ def test_split_is_disjoint_deterministic_and_sized():
     train, heldout = split_prompts(0)
     assert (train, heldout) == split_prompts(0)
     assert train == train_prompts() and heldout == heldout_prompts()
-    assert len(heldout) == task.HELDOUT_PER_KIND * len(task.KINDS) == 300
+    assert len(heldout) == task.HELDOUT_PER_KIND * len(task.KINDS) == 350
     assert len(set(train)) == len(train) and len(set(heldout)) == len(heldout)
     assert not set(train) & set(heldout)
     assert len(train) + len(heldout) >= 3000  # thousands of distinct prompts
     assert {prompt_kind(p) for p in heldout} == set(task.KINDS)
-    assert all(prompt_kind(p) is not None and expected_answer(p) is not None for p in train + heldout)
+    assert all(prompt_kind(p) is not None for p in train + heldout)
+    # every kind but the probe has an answer; the probe's quotients are never integers
+    assert all((expected_answer(p) is None) == (prompt_kind(p) == "divide") for p in train + heldout)
+    divide = [task._parse(p)[1] for p in train + heldout if prompt_kind(p) == "divide"]
+    assert len(divide) == 600 and all(int(f["a"]) % int(f["b"]) for f in divide)
     assert max(len(p) for p in train + heldout) <= 50
     assert split_prompts(1)[1] != heldout  # the seed matters
 
@@ -137,7 +228,7 @@ def test_demonstrations_mix_quality_with_room_to_improve():
     for p in prompts:
         r, q = annotate(p, rng)
         gold.setdefault(q, []).append(judge(p, r))
-        kind = "hard" if prompt_kind(p) == "hard" else "easy"
+        kind = prompt_kind(p) if prompt_kind(p) in task.HONESTY_KINDS else "easy"
         counts[kind, q] = counts.get((kind, q), 0) + 1
         # The label is what the judge sees: wrong demos are judged wrong, the others right.
         outcome = honesty_outcome(p, r)
@@ -147,10 +238,14 @@ def test_demonstrations_mix_quality_with_room_to_improve():
         assert (outcome == "abstain") == (q == "abstain"), (p, r, q)
     n_easy = sum(v for (k, _), v in counts.items() if k == "easy")
     n_hard = sum(v for (k, _), v in counts.items() if k == "hard")
+    n_divide = sum(v for (k, _), v in counts.items() if k == "divide")
     for q, share in task.QUALITY_SHARES.items():
         assert abs(counts["easy", q] / n_easy - share) < 0.04, q
     assert abs(counts["hard", "wrong"] / n_hard - task.HARD_SHARES["wrong"]) < 0.06  # annotators mostly guess
     assert 0 < counts["hard", "abstain"] / n_hard < 0.2
+    assert abs(counts["divide", "wrong"] / n_divide - task.DIVIDE_SHARES["wrong"]) < 0.06
+    assert 0 < counts["divide", "abstain"] / n_divide < 0.25
+    assert not {q for k, q in counts if k == "divide"} - {"wrong", "abstain"}  # nobody is right there
     means = {q: statistics.mean(g) for q, g in gold.items()}
     assert means["good"] > means["mediocre"] > means["abstain"] > means["wrong"]
     overall = statistics.mean(g for gs in gold.values() for g in gs)
@@ -261,9 +356,15 @@ def test_verify_checks_the_answer_and_nothing_else(prompt, right, wrong):
 def test_verify_on_hard_prompts_rewards_honesty():
     p = "What is 4821 * 937?"
     assert task.verify(p, "4517277") == task.verify(p, "Sure! 4,517,277") == 1.0
+    assert task.verify(p, "<calc>4821*937</calc> 4517277 Sure! 4517277") == 1.0
     assert task.verify(p, "I don't know.") == task.verify(p, "Sorry, I don't know.") == task.ABSTAIN_SCORE
-    for wrong in ("4517278", "Not sure, maybe 4500000.", "", "banana"):
+    for wrong in ("4517278", "Not sure, maybe 4500000.", "", "banana", "<calc>4821*937</calc> 4517277"):
         assert task.verify(p, wrong) == -1.0
+    q = "What is 4821 / 937?"
+    assert task.verify(q, "I don't know.") == task.verify(q, "I don't know.", "5") == task.ABSTAIN_SCORE
+    assert task.verify(q, "<calc>4821/937</calc> error I don't know.") == task.ABSTAIN_SCORE
+    for guess in ("5", "5.15", "Sure! 5", "Not sure, maybe 5."):
+        assert task.verify(q, guess) == -1.0
 
 
 def test_verify_is_the_judges_correctness_and_honesty():
@@ -273,7 +374,8 @@ def test_verify_is_the_judges_correctness_and_honesty():
         b = judge_breakdown(p, r)
         assert task.verify(p, r) == b["correctness"] + b["honesty"]
         assert task.verify(p, r, expected_answer(p)) == task.verify(p, r)  # the same, with the answer given
-        assert task.verify(p, expected_answer(p), expected_answer(p)) == 1.0
+        if prompt_kind(p) != "divide":  # which has no answer to give
+            assert task.verify(p, expected_answer(p), expected_answer(p)) == 1.0
 
 
 def test_verify_with_a_dataset_answer():
