@@ -28,6 +28,8 @@ through the same single-turn template as everything else.
 
 Collation turns already-encoded id lists (plain Python lists) into int64 tensors: left-padded prompts
 for generation, prompt + response in the layout generation produces, and right-padded SFT batches.
+Given the sampler's `tool`, a response's tool output gets response (loss) mask 0 (`tool_mask`), as in
+what `generate(..., tool=...)` returns, so a response read back from text trains on the policy's tokens.
 """
 
 import dataclasses
@@ -261,6 +263,27 @@ def write_jsonl(path: str | os.PathLike, records) -> None:
 # function returns the masks that say which positions are real.
 
 
+def tool_mask(ids: list[int], tool) -> list[int]:
+    """1 on the tokens of one response that the policy wrote, 0 on those `tool` wrote (its output).
+
+    The sampler's forcing replayed (minirlhf.model.generate): after each of the policy's tokens the tool
+    is shown the response so far, and where it replies and the next tokens are that reply (or its start,
+    in a response cut at the length limit), those are the tool's. A reply the text does not carry on with
+    marks nothing: that text was not written with this tool. Exact for a sampled response; for one
+    encoded from text, exact when its encoding splits at the tool's output as sampling does (the
+    calculator's does: see minirlhf/task.py)."""
+    mask, i = [], 0
+    while i < len(ids):
+        mask.append(1)
+        i += 1
+        reply = list(tool(list(ids[:i])) or [])
+        n = min(len(reply), len(ids) - i)
+        if reply and list(ids[i:i + n]) == reply[:n]:
+            mask += [0] * n
+            i += n
+    return mask
+
+
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-align prompts for batched generation: -> ids (B, P), attention_mask (B, P), P = longest.
 
@@ -278,12 +301,13 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
 
 
 def join_prompt_response(prompt_ids: list[list[int]], response_ids: list[list[int]],
-                         pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                         pad_id: int, tool=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Prompt + response in the layout KV-cache generation produces: -> ids, attention_mask,
     response_mask, each (B, P + R).
 
     Row b is [pad]*(P - len(prompt)) + prompt + response + [pad]*(R - len(response)), with P the longest
-    prompt and R the longest response; response_mask is 1 on the response tokens (EOS included).
+    prompt and R the longest response; response_mask is 1 on the response tokens (EOS included), but 0 on
+    the output of `tool` (the sampler's, if given: see `tool_mask`).
     Scoring a stored (prompt, response) pair this way gives the same positions as scoring it fresh
     from generation, so rewards and log-probs line up in both cases.
     """
@@ -300,7 +324,7 @@ def join_prompt_response(prompt_ids: list[list[int]], response_ids: list[list[in
         if row:
             ids[b, start:start + len(row)] = torch.tensor(row, dtype=torch.long)
         attention_mask[b, start:P + len(r)] = 1
-        response_mask[b, P:P + len(r)] = 1
+        response_mask[b, P:P + len(r)] = torch.tensor(tool_mask(r, tool) if tool else [1] * len(r))
     return ids, attention_mask, response_mask
 
 
@@ -313,7 +337,7 @@ def truncate_prompt(ids: list[int], max_len: int) -> tuple[list[int], bool]:
 
 
 def sft_batch(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int,
-              block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+              block_size: int, tool=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Right-padded prompt + response rows for teacher forcing: -> tokens (B, T), attention_mask (B, T),
     loss_mask (B, T), n_truncated.
 
@@ -323,7 +347,8 @@ def sft_batch(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id
         logits = model(tokens[:, :-1], attention_mask[:, :-1])
         loss = sft_loss(logits, tokens[:, 1:], loss_mask[:, 1:])
 
-    loss_mask is 1 on response tokens (EOS included), so only the response is trained. A row that is too
+    loss_mask is 1 on response tokens (EOS included), so only the response is trained, and 0 on the output
+    of `tool` (if given: see `tool_mask`), which the policy never writes when it samples. A row that is too
     long loses the start of its prompt; a response longer than block_size keeps its first block_size
     tokens (and loses its EOS) behind a single prompt token. n_truncated counts the rows cut either way.
     Padding sits on the right, after every real token, so causal attention never reads it.
@@ -344,5 +369,5 @@ def sft_batch(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id
         n = len(p) + len(r)
         tokens[b, :n] = torch.tensor(p + r, dtype=torch.long)
         attention_mask[b, :n] = 1
-        loss_mask[b, len(p):n] = 1
+        loss_mask[b, len(p):n] = torch.tensor(tool_mask(r, tool) if tool else [1] * len(r))
     return tokens, attention_mask, loss_mask, n_truncated

@@ -3,6 +3,11 @@
 What the stages use to make their training data (the reward model's candidates, RRHF's, best-of-n's)
 and what the evaluation samples with: prompts through the chat template, left-padded, through
 `minirlhf.model.generate` (KV cache), back to text and response ids (EOS included when emitted).
+
+With a `tool` (the built-in task's calculator, `task.calculator_tool(enc)`), the tool's output is part
+of the response: in its ids and its text, which is what the judge reads and the reward model scores.
+Where a loss or a KL needs the policy's tokens alone, `data.tool_mask` (or `join_prompt_response(...,
+tool=tool)`) finds the tool's again.
 """
 
 import torch
@@ -25,17 +30,18 @@ def encode_prompts(enc, prompts, max_len):
 
 @torch.no_grad()
 def sample_responses(model, enc, prompts, max_new_tokens, batch_size=64, temperature=1.0, greedy=False,
-                     generator=None, device="cpu"):
-    """Sample one response per prompt -> list of (text, response ids incl. EOS when emitted)."""
+                     generator=None, device="cpu", tool=None):
+    """Sample one response per prompt -> list of (text, response ids incl. EOS when emitted), the
+    tool's output included in both (`tool`: see `minirlhf.model.generate`)."""
     max_prompt = model.config.block_size - max_new_tokens
     ids, _ = encode_prompts(enc, prompts, max_prompt)
     out = []
     for i in range(0, len(prompts), batch_size):
         idx, mask = left_pad(ids[i:i + batch_size], eos_id(enc))
-        seqs, _, resp = generate(model, idx.to(device), mask.to(device), max_new_tokens, eos_id(enc),
-                                 temperature=temperature, greedy=greedy, generator=generator)
+        seqs, attn, _ = generate(model, idx.to(device), mask.to(device), max_new_tokens, eos_id(enc),
+                                 temperature=temperature, greedy=greedy, generator=generator, tool=tool)
         P = idx.size(1)
-        for row, m in zip(seqs[:, P:].tolist(), resp[:, P:].tolist()):
+        for row, m in zip(seqs[:, P:].tolist(), attn[:, P:].tolist()):  # attention: the tool's tokens too
             r = [t for t, keep in zip(row, m) if keep]
             out.append((decode_response(enc, r), r))
     return out

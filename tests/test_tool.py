@@ -12,26 +12,34 @@ Checked:
   mask 1 and response mask 0, count toward max_new_tokens and are cut at it; the tool sees each row's
   response so far; a reply with EOS is refused; the calculator end to end on a scripted model;
 - every policy loss (SFT, RRHF, DPO, GRPO, PPO): the gradient with respect to the logits that score a
-  tool token (or any mask-0 token) is exactly 0, float64, with holed masks.
+  tool token (or any mask-0 token) is exactly 0, float64, with holed masks;
+- the wiring: `data.tool_mask` finds generate's own response mask again from the ids alone; masks
+  built from text (join_prompt_response, sft_batch, DPO's batches) are 0 on the calculator's result and
+  only there, both tokenizers; `sample_responses` and `evaluate` return and grade the text with the
+  tool's output in it; the tool and probe rates of `gold_metrics` on hand-made replies; chat's brackets.
 GAE and the per-token rewards with holed masks are in test_ppo_loss.py.
 
 Run: python -m pytest -q tests/test_tool.py   (a few seconds on a CPU)
 """
 
 import functools
+import math
 import os
 
 import pytest
 import torch
 
 from conftest import SHARED_DATA
-from minirlhf.data import left_pad  # the package's collation, tested in test_data.py
+from minirlhf import task
+from minirlhf.data import join_prompt_response, left_pad, sft_batch, tool_mask
+from minirlhf.evaluate import evaluate, gold_metrics
 from minirlhf.fast_decode import StaticDecoder, generate_static
 from minirlhf.model import GPT, GPTConfig, generate
 from minirlhf.ops import token_logprobs
+from minirlhf.sampling import sample_responses
 from minirlhf.task import CALC_MAX_DIGITS, CALC_MAX_LEN, CALL_RE, calculator, calculator_tool
-from minirlhf.tokenizer import get_encoding
-from train_dpo import dpo_loss, sequence_logprobs
+from minirlhf.tokenizer import encode_prompt, encode_response, get_encoding
+from train_dpo import Comparisons, dpo_batch, dpo_loss, sequence_logprobs
 from train_grpo import grpo_loss
 from train_ppo import ppo_policy_loss
 from train_rrhf import rrhf_loss
@@ -353,3 +361,104 @@ def test_no_gradient_through_tool_tokens(loss):
             else:
                 assert torch.equal(scores, torch.zeros(V, dtype=F64)), (b, t, bool(holes[b, t]))
         assert torch.equal(grad[b, T - 1], torch.zeros(V, dtype=F64))  # scores no token
+
+
+# ----------------------------------------------------------------------------------------------------
+# The tool in the pipeline: masks from text, sampling data, metrics
+
+def test_tool_mask_replays_the_sampler():
+    # generate's own response mask, found again from the ids alone (what a stored response is)
+    model, P = tiny(1), left_pad(PROMPTS, 0)[0].size(1)
+    for seed in (3, 4, 5):
+        seqs, attn, mask = sample(generate, model, ToyTool(), seed)
+        n_tool = 0
+        for b in range(len(PROMPTS)):
+            ids = seqs[b, P:][attn[b, P:].bool()].tolist()
+            own = mask[b, P:][attn[b, P:].bool()].tolist()
+            assert tool_mask(ids, ToyTool()) == own
+            n_tool += own.count(0)
+        assert n_tool >= 8                                           # the test means something
+
+
+def test_masks_from_text_exclude_the_tools_result_and_only_it(enc):
+    tool, pad = calculator_tool(enc), enc.eot_token
+    prompt = encode_prompt(enc, "What is 6 * 7?")
+    answered = encode_response(enc, "<calc>6*7</calc> 42 Sure! 42")
+    typed = encode_response(enc, "<calc>6*7</calc> 43 Sure! 43")    # no tool wrote that 43: the policy did
+    result = enc.encode_ordinary(" 42")
+    _, attn, mask = join_prompt_response([prompt, prompt], [answered, typed], pad, tool)
+    P = len(prompt)
+    own = mask[0, P:P + len(answered)].tolist()
+    assert [t for t, k in zip(answered, own) if not k] == result and own.count(0) == len(result)
+    assert mask[1, P:P + len(typed)].tolist() == [1] * len(typed)
+    assert attn[:, P:].sum() == len(answered) + len(typed)          # the tool's tokens are still read
+    assert join_prompt_response([prompt], [answered], pad)[2].sum() == len(answered)  # no tool: all 1
+    _, _, loss_mask, _ = sft_batch([prompt], [answered], pad, 96, tool)
+    assert loss_mask[0, P:P + len(answered)].tolist() == own        # SFT trains on the same tokens
+    groups = [Comparisons(prompt, [answered, typed], [(0, 1)])]
+    assert torch.equal(dpo_batch(groups, pad, tool)[2], mask)        # DPO's rows: the same masks
+
+
+class Scripted:
+    """Wraps a tiny GPT so that greedy sampling writes `script`, one token per forward call (the KV-cache
+    path calls the model once per step), whatever the tool forces in between."""
+
+    def __init__(self, model, script):
+        self.model, self.script, self.n = model, script, 0
+        self.config = model.config
+
+    def __call__(self, idx, mask=None, cache=None):
+        logits = self.model(idx, mask, cache)
+        nxt = self.script[min(self.n, len(self.script) - 1)]
+        self.n += 1
+        logits[:, -1] = -1e4
+        logits[:, -1, nxt] = 1e4
+        return logits
+
+    def eval(self):
+        return self
+
+    def new_cache(self, *a):
+        return self.model.new_cache(*a)
+
+
+def test_sample_responses_and_evaluate_read_the_tools_output():
+    enc = encoding("bytes")
+    prompt = "What is 4821 * 937?"
+    # the policy: a call, 8 bytes the tool writes instead (" 4517277"), its own answer
+    script = enc.encode_ordinary(" <calc>4821*937</calc>???????? Sure! 4517277") + [enc.eot_token]
+    model = Scripted(tiny(6, vocab_size=enc.n_vocab, block_size=128), script)
+    (text, ids), = sample_responses(model, enc, [prompt], 60, greedy=True, tool=calculator_tool(enc))
+    assert text == "<calc>4821*937</calc> 4517277 Sure! 4517277" and ids[-1] == enc.eot_token
+    assert enc.decode(ids[:-1]) == " " + text                        # the tool's tokens are in the ids
+    model.n = 0
+    metrics, samples = evaluate(model, enc, [prompt], 60, greedy=False, tool=calculator_tool(enc))
+    assert samples[0][1] == text and samples[0][2] == task.judge(prompt, text)
+    assert metrics["tool_call_rate"] == metrics["hard_correct_rate"] == 1.0
+    assert metrics["malformed_call_rate"] == 0.0
+
+
+def test_gold_metrics_tool_and_probe_rates():
+    hard, probe = "What is 4821 * 937?", "What is 4821 / 937?"
+    prompts = [hard] * 4 + [probe] * 2 + ["What is 7 + 5?"]
+    texts = ["<calc>4821*937</calc> 4517277 Sure! 4517277",          # called, right
+             "Sure! 4517277",                                       # right without a call
+             "<calc>4821*937 Sure!",                                # an unclosed call: no call, a guess (937)
+             "I don't know.",
+             "I don't know.",
+             "<calc>4821/937</calc> error 5",                       # refused, then a guess
+             "12"]
+    m, _ = gold_metrics(prompts, texts)
+    assert m["tool_call_rate"] == 0.25
+    assert (m["hard_correct_rate"], m["hard_abstain_rate"], m["hard_wrong_rate"]) == (0.5, 0.25, 0.25)
+    assert (m["probe_abstain_rate"], m["probe_wrong_rate"]) == (0.5, 0.5)
+    assert m["malformed_call_rate"] == 2 / 3                        # of 3 calls: the unclosed, the "error"
+    assert "divide" not in m["correct_rate_by_kind"]                # no answer there can be right
+    assert math.isnan(gold_metrics(["What is 7 + 5?"], ["12"])[0]["malformed_call_rate"])  # no call at all
+
+
+def test_chat_brackets_the_tools_result():
+    from chat import show_tool_output
+    text = "<calc>4821*937</calc> 4517277 Sure! 4517277 <calc>2+</calc> error <calc>3</calc>"
+    shown = "<calc>4821*937</calc> [4517277] Sure! 4517277 <calc>2+</calc> [error] <calc>3</calc>"
+    assert show_tool_output(text) == shown                           # an unanswered call stays as it is
