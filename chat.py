@@ -5,8 +5,14 @@
     python chat.py out/sft out/ppo "Spell 'owl' backwards." --samples 3   # compare checkpoints
 
 Each answer is sampled with the stage scripts' template and sampler (temperature 1 by default, as the
-evaluation samples); on the built-in task's prompts the gold judge's score is printed beside it. Every
-argument is checked against every checkpoint before a model is built; a mistake is one line and exit 2.
+evaluation samples); on the built-in task's prompts the gold judge's score is printed beside it. A
+checkpoint trained with the calculator (`--tool`, saved in its arguments) answers with it, and the call
+and the tool's result show in-line, the result in brackets (the judge reads the answer without them):
+
+    out/ppo: <calc>4821*937</calc> [4517277] Sure! 4517277  (gold +0.85)
+
+Every argument is checked against every checkpoint before a model is built; a mistake is one line and
+exit 2.
 """
 
 import os
@@ -35,13 +41,19 @@ class Args:
     seed: int = arg(0, "random seed of the sampler")
 
 
+def show_tool_output(text: str) -> str:
+    """The tool's result after each answered call in brackets: "<calc>6*7</calc> [42] Sure! 42"."""
+    return task.CALL_RE.sub(lambda m: m.group(0) if m.group(2) is None else
+                            f"<calc>{m.group(1)}</calc> [{m.group(2)}]", text)
+
+
 def answer(models, prompt, args, generator):
-    for path, (model, enc) in models.items():
+    for path, (model, enc, tool) in models.items():
         for text, _ in sample_responses(model, enc, [prompt] * args.samples, args.max_new_tokens,
                                         temperature=args.temperature, greedy=args.greedy,
-                                        generator=generator):
+                                        generator=generator, tool=tool):
             gold = f"  (gold {task.judge(prompt, text):+.2f})" if task.prompt_kind(prompt) else ""
-            print(f"{path}: {text}{gold}", flush=True)
+            print(f"{path}: {show_tool_output(text) if tool else text}{gold}", flush=True)
 
 
 def main(argv=None):
@@ -58,7 +70,9 @@ def main(argv=None):
     models = {}
     for path in paths:
         model, ck = load_model(path, kind="lm")
-        models[path] = (model, load_tokenizer(ck))
+        enc = load_tokenizer(ck)
+        # the calculator when the checkpoint was trained with it (older checkpoints: without)
+        models[path] = (model, enc, task.calculator_tool(enc) if ck["args"].get("tool") else None)
     generator = torch.Generator().manual_seed(args.seed)
     if prompt is not None:
         answer(models, prompt, args, generator)

@@ -165,13 +165,19 @@ COLUMNS = [("gold_reward_mean", "gold reward", "+.3f"), ("gold_reward_sem", "± 
            ("rm_reward_mean", "RM reward", "+.3f"), ("kl_to_sft", "KL to SFT", ".2f"),
            ("gold_correctness", "correct.", "+.3f"), ("gold_honesty", "honesty", "+.3f"),
            ("gold_politeness", "polite.", "+.3f"), ("gold_concision", "concision", "+.3f"),
-           ("hard_abstain_rate", "abstain (hard)", ".2f"), ("hard_wrong_rate", "wrong (hard)", ".2f"),
            ("response_len_mean", "length", ".1f"), ("models_in_memory", "models", "d"),
            ("peak_memory_mb", "peak MB", ".0f"), ("wall_seconds", "wall s", ".0f")]
+# the lesson of the tool world: call the calculator where it helps ("hard"), abstain where nothing does
+# ("divide", the probe), never guess (see minirlhf/evaluate.py gold_metrics)
+TOOL_COLUMNS = [("tool_call_rate", "calls"), ("hard_correct_rate", "correct"),
+                ("hard_abstain_rate", "abstain"), ("hard_wrong_rate", "wrong"),
+                ("probe_abstain_rate", "probe: abstain"), ("probe_wrong_rate", "probe: wrong"),
+                ("malformed_call_rate", "malformed calls")]
 
 
 def markdown_table(report):
-    """The results table, the per-kind correct rates, and the reward model's accuracy."""
+    """The results table, the per-kind correct rates, the calculator and honesty rates, and the reward
+    model's accuracy."""
     lines = ["| method | " + " | ".join(c[1] for c in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for m in METHODS:
         r = report[m]
@@ -200,6 +206,15 @@ def markdown_table(report):
         if greedy:
             cells = [f"{greedy[k]:.2f}" if k in greedy else "-" for k in kinds]
             lines.append("| sft, greedy | " + " | ".join(cells) + " |")
+    lines += ["", "the calculator and honesty: on hard (a product the calculator finds) the share of replies "
+              "that call it, and that answer right, abstain or guess wrong; on the probe (divide: no tool "
+              "helps) those that abstain or guess; of all calls, those unclosed or answered error", "",
+              "| method | " + " | ".join(c[1] for c in TOOL_COLUMNS) + " |",
+              "|---" * (len(TOOL_COLUMNS) + 1) + "|"]
+    for m in METHODS:
+        cells = [format(report[m][k], ".2f") if isinstance(report[m].get(k), (int, float)) else "-"
+                 for k, _ in TOOL_COLUMNS]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
     rm = report["rm"]
     lines.append(f"\nreward model: held-out accuracy vs gold order {rm['accuracy_vs_gold']:.3f}, "
                  f"vs the noisy labels {rm['accuracy_vs_labels']:.3f}")

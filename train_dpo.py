@@ -120,6 +120,8 @@ class Args:
                             nonnegative)
     max_new_tokens: int = arg(64, "response length limit when sampling; comparisons' responses are cut to it",
                               positive)
+    tool: bool = arg(True, "sample with the calculator of minirlhf/task.py, train on the policy's own tokens "
+                     "only (--no-tool: without it)")
     monitor_prompts: int = arg(64, "held-out prompts for the interval samples and comparisons", positive)
     gen_batch_size: int = arg(256, "sequences sampled or scored at once (without a gradient)", positive)
     # DPO
@@ -258,16 +260,17 @@ def pair_rows(groups: list[Comparisons]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(chosen, dtype=torch.long), torch.tensor(rejected, dtype=torch.long)
 
 
-def dpo_batch(groups: list[Comparisons], pad_id: int):
+def dpo_batch(groups: list[Comparisons], pad_id: int, tool=None):
     """B prompts' comparisons -> tokens, attn, mask (N, T) over all N responses, chosen, rejected (P,).
 
     Row n is one response after its prompt, in the layout generation produces (join_prompt_response:
-    prompt left-padded, response right-padded, mask 1 on the response tokens); chosen[p] and rejected[p]
-    are the rows of pair p's two responses, so a response shared by several pairs is computed once.
+    prompt left-padded, response right-padded, mask 1 on the response tokens but 0 on the output of
+    `tool`, if given, which the policy did not write: see data.tool_mask); chosen[p] and rejected[p] are
+    the rows of pair p's two responses, so a response shared by several pairs is computed once.
     """
     prompts = [g.prompt_ids for g in groups for _ in g.response_ids]
     responses = [r for g in groups for r in g.response_ids]
-    tokens, attn, mask = join_prompt_response(prompts, responses, pad_id)
+    tokens, attn, mask = join_prompt_response(prompts, responses, pad_id, tool)
     return tokens, attn, mask, *pair_rows(groups)
 
 
@@ -296,6 +299,7 @@ if __name__ == "__main__":
     # ---- models: the policy and the frozen reference, both the SFT model to begin with --------------
     policy, ck = load_model(args.init, device, kind="lm")
     enc = load_tokenizer(ck)
+    tool = task.calculator_tool(enc) if args.tool else None  # the sampler's calculator; None: --no-tool
     block_size = policy.config.block_size
     require(args.max_new_tokens < block_size, f"--max-new-tokens {args.max_new_tokens} must leave room for a "
             f"prompt in the context of {block_size} tokens")
@@ -335,7 +339,7 @@ if __name__ == "__main__":
 
     def get_batch(groups):
         """-> tokens, attn, mask (N, T) over the groups' responses, chosen, rejected (P,) row indices."""
-        return (x.to(device) for x in dpo_batch(groups, eos_id(enc)))
+        return (x.to(device) for x in dpo_batch(groups, eos_id(enc), tool))
 
     @torch.no_grad()
     def all_logprobs(m, groups):
@@ -418,7 +422,7 @@ if __name__ == "__main__":
                 # the policy's own samples on held-out prompts: what training has done so far (same seed
                 # every time, so the points differ by the policy, not by the sampling noise)
                 m, samples = evaluate(policy, enc, task.heldout_prompts()[: args.monitor_prompts],
-                                      args.max_new_tokens, ref=ref, seed=args.seed, device=device)
+                                      args.max_new_tokens, ref=ref, seed=args.seed, device=device, tool=tool)
                 policy.train()
                 metrics.update(eval_gold_reward=m["gold_reward_mean"], kl=m["kl_to_sft"])
             log(step, **metrics)
@@ -446,7 +450,7 @@ if __name__ == "__main__":
     if builtin and args.eval_prompts:
         prompts = task.heldout_prompts()[: args.eval_prompts]
         metrics, samples = evaluate(policy, enc, prompts, args.max_new_tokens, ref=ref, seed=args.seed,
-                                    device=device)
+                                    device=device, tool=tool)
         extra.update(metrics)
         print_samples(samples)
         print(summary_line(metrics))

@@ -102,6 +102,8 @@ class Args:
     eval_interval: int = arg(15, "sample the policy on held-out prompts every this many steps", positive)
     eval_prompts: int = arg(300, "held-out prompts for the final evaluation (0: none)", nonnegative)
     max_new_tokens: int = arg(64, "response length limit when sampling", positive)
+    tool: bool = arg(True, "sample with the calculator of minirlhf/task.py, train on the policy's own tokens "
+                     "only (--no-tool: without it)")
     monitor_prompts: int = arg(64, "built-in task: held-out prompts for the interval evaluations", positive)
     # GRPO
     group_size: int = arg(8, "G, responses sampled per prompt: the group that gives the baseline", positive)
@@ -303,11 +305,12 @@ def grpo_stats(
 # ---------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def rollout(policy, ref, rms, enc, prompts, answers, args, generator):
+def rollout(policy, ref, rms, enc, prompts, answers, args, generator, tool=None):
     """G responses to each prompt, their rewards and group advantages; nothing here has a gradient.
 
     `prompts`, `answers`: n each (an answer is None for a built-in prompt); `rms` empty = the verifier.
-    Sequences come out in groups: rows g * G ... g * G + G - 1 answer prompts[g].
+    Sequences come out in groups: rows g * G ... g * G + G - 1 answer prompts[g]. With a `tool`, its
+    output is in `attn` but not in `mask` (the policy's tokens): the reward reads it, the loss does not.
     """
     device = next(policy.parameters()).device
     G = args.group_size
@@ -317,11 +320,12 @@ def rollout(policy, ref, rms, enc, prompts, answers, args, generator):
     ids, _ = encode_prompts(enc, prompts, policy.config.block_size - args.max_new_tokens)
     idx, pmask = left_pad(ids, eos_id(enc))
     seqs, attn, mask = generate(policy, idx.to(device), pmask.to(device), args.max_new_tokens, eos_id(enc),
-                                temperature=args.temperature, generator=generator)
+                                temperature=args.temperature, generator=generator, tool=tool)
     logprobs, entropy = policy_forward(policy, seqs, attn, args.temperature)
     ref_logprobs, _ = policy_forward(ref, seqs, attn, args.temperature)
     P = idx.size(1)
-    texts = [decode_response(enc, row[m.bool()].tolist()) for row, m in zip(seqs[:, P:], mask[:, P:])]
+    # what the judge and the verifier read: every response token, the tool's output included (attn, not mask)
+    texts = [decode_response(enc, row[a.bool()].tolist()) for row, a in zip(seqs[:, P:], attn[:, P:])]
     if rms:
         scores = combined_reward(rms, seqs, attn, mask)                      # (B,) at the last response token
     else:
@@ -355,6 +359,7 @@ if __name__ == "__main__":
     # ---- models: the policy, the frozen reference, the reward model(s) unless the verifier ----------
     policy, ck = load_model(args.init, device, kind="lm")
     enc = load_tokenizer(ck)
+    tool = task.calculator_tool(enc) if args.tool else None  # the sampler's calculator; None: --no-tool
     block_size = policy.config.block_size
     require(args.max_new_tokens < block_size, f"--max-new-tokens {args.max_new_tokens} must leave room for a "
             f"prompt in the context of {block_size} tokens")
@@ -415,7 +420,7 @@ if __name__ == "__main__":
         pick = dist.shard([data_rng.randrange(len(prompts)) for _ in range(args.batch_size)])  # this rank's B
         with autocast:
             b = rollout(policy, ref, rms, enc, [prompts[i] for i in pick], [answers[i] for i in pick], args,
-                        generator)
+                        generator, tool)
         mask = b["mask"]
         t_rollout = time.time() - t0
 
@@ -462,7 +467,8 @@ if __name__ == "__main__":
             # the policy's own samples on held-out prompts (same seed every time: the points differ by the
             # policy, not by the sampling noise): gold reward, each kind's correct rate, KL to the SFT model
             m, samples = evaluate(policy, enc, task.heldout_prompts()[: args.monitor_prompts],
-                                  args.max_new_tokens, rms=rms, ref=ref, seed=args.seed, device=device)
+                                  args.max_new_tokens, rms=rms, ref=ref, seed=args.seed, device=device,
+                                  tool=tool)
             metrics.update(eval_gold_reward=m["gold_reward_mean"], kl_to_sft=m["kl_to_sft"],
                            **{f"eval_correct_{k}": v for k, v in m["correct_rate_by_kind"].items()})
         log(step, **metrics)
@@ -490,7 +496,7 @@ if __name__ == "__main__":
     if builtin and args.eval_prompts:
         prompts = task.heldout_prompts()[: args.eval_prompts]
         metrics, samples = evaluate(policy, enc, prompts, args.max_new_tokens, rms=rms, ref=ref,
-                                    seed=args.seed, device=device)
+                                    seed=args.seed, device=device, tool=tool)
         print_samples(samples)
         print(summary_line(metrics))
         shares = " | ".join(f"{c} {metrics['gold_' + c]:+.3f}" for c in task.WEIGHTS)

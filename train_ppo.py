@@ -82,6 +82,8 @@ class Args:
     eval_interval: int = arg(20, "print decoded samples every this many iterations", positive)
     eval_prompts: int = arg(300, "held-out prompts for the final evaluation (0: none)", nonnegative)
     max_new_tokens: int = arg(64, "response length limit", positive)
+    tool: bool = arg(True, "sample with the calculator of minirlhf/task.py, train on the policy's own tokens "
+                     "only (--no-tool: without it)")
     # PPO
     critic_init: str = arg("rm", "rm: the critic starts as the (first) reward model; sft: SFT trunk + a head",
                            one_of("rm", "sft"))
@@ -398,15 +400,18 @@ def critic_from_reward_model(rm) -> ScalarHead:
 
 
 @torch.no_grad()
-def rollout(policy, ref, critic, rms, enc, prompts, args, kl_coef, generator):
-    """Sample responses and compute everything the update needs; nothing here has a gradient."""
+def rollout(policy, ref, critic, rms, enc, prompts, args, kl_coef, generator, tool=None):
+    """Sample responses and compute everything the update needs; nothing here has a gradient.
+
+    With a `tool`, its output is in `attn` but not in `mask` (the policy's tokens): the reward model and
+    the critic read it, the KL penalty, GAE and the losses skip it."""
     device = next(policy.parameters()).device
     policy.eval()
     ids, _ = encode_prompts(enc, prompts, policy.config.block_size - args.max_new_tokens)
     idx, pmask = left_pad(ids, eos_id(enc))
     t0 = time.time()
     seqs, attn, mask = generate(policy, idx.to(device), pmask.to(device), args.max_new_tokens, eos_id(enc),
-                                temperature=args.temperature, generator=generator)
+                                temperature=args.temperature, generator=generator, tool=tool)
     if device.type == "cuda":
         torch.cuda.synchronize()  # kernels run asynchronously: wait, so that the time is the sampling's
     sample_seconds = time.time() - t0
@@ -421,7 +426,8 @@ def rollout(policy, ref, critic, rms, enc, prompts, args, kl_coef, generator):
     # whitened with the mean and std of the whole batch's tokens, every rank's (dist.gather), not this rank's
     advantages = dist.shard(masked_whiten(dist.gather(advantages), dist.gather(mask)))[:, :mask.size(1)]
     P = idx.size(1)
-    texts = [decode_response(enc, row[m.bool()].tolist()) for row, m in zip(seqs[:, P:], mask[:, P:])]
+    # what the judge and the verifier read: every response token, the tool's output included (attn, not mask)
+    texts = [decode_response(enc, row[a.bool()].tolist()) for row, a in zip(seqs[:, P:], attn[:, P:])]
     return dict(seqs=seqs, attn=attn, mask=mask, logprobs=logprobs, ref_logprobs=ref_logprobs, values=values,
                 advantages=advantages, returns=returns, scores=scores, entropy=entropy, has_eos=has_eos,
                 texts=texts, sample_seconds=sample_seconds)
@@ -448,6 +454,7 @@ if __name__ == "__main__":
     # ---- models: policy, reference, reward model(s), critic ---------------------------------------
     policy, ck = load_model(args.init, device, kind="lm")
     enc = load_tokenizer(ck)
+    tool = task.calculator_tool(enc) if args.tool else None  # the sampler's calculator; None: --no-tool
     block_size = policy.config.block_size
     require(args.max_new_tokens < block_size, f"--max-new-tokens {args.max_new_tokens} must leave room for a "
             f"prompt in the context of {block_size} tokens")
@@ -504,7 +511,7 @@ if __name__ == "__main__":
         batch_prompts = [prompts[data_rng.randrange(len(prompts))] for _ in range(args.batch_size)]
         batch_prompts = dist.shard(batch_prompts)  # this rank's B of the same global batch
         with autocast:
-            b = rollout(policy, ref, critic, rms, enc, batch_prompts, args, kl_ctl.value, generator)
+            b = rollout(policy, ref, critic, rms, enc, batch_prompts, args, kl_ctl.value, generator, tool)
         mask = b["mask"]
         t_rollout = time.time() - t0
 
@@ -582,7 +589,7 @@ if __name__ == "__main__":
     if builtin and args.eval_prompts:
         prompts = task.heldout_prompts()[: args.eval_prompts]
         metrics, samples = evaluate(policy, enc, prompts, args.max_new_tokens, rms=rms, ref=ref,
-                                    seed=args.seed, device=device)
+                                    seed=args.seed, device=device, tool=tool)
         print_samples(samples)
         print(summary_line(metrics))
         save_checkpoint(args.out, policy, enc.name, asdict(args), args.max_steps, {**extra, **metrics})

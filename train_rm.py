@@ -96,6 +96,8 @@ class Args:
     eval_interval: int = arg(32, "held-out accuracy every this many steps", positive)
     eval_prompts: int = arg(300, "held-out prompts (built-in task) or validation records (--data)", positive)
     max_new_tokens: int = arg(64, "response length limit when sampling", positive)
+    tool: bool = arg(True, "sample the candidates with the calculator of minirlhf/task.py (--no-tool: "
+                     "without it); the reward model reads its output")
     # the reward model: the comparisons (built-in task)
     k: int = arg(4, "built-in task: responses sampled per prompt and ranked together (at least 2)",
                  lambda v: None if v >= 2 else "must be at least 2: one response forms no comparison")
@@ -295,16 +297,18 @@ if __name__ == "__main__":
     # ---- models: the SFT policy writes the candidates, then its trunk becomes the reward model's -------
     policy, ck = load_model(args.init, device, kind="lm")
     enc = load_tokenizer(ck)
+    tool = task.calculator_tool(enc) if args.tool else None  # the sampler's calculator; None: --no-tool
     block_size, pad = policy.config.block_size, eos_id(enc)
     require(args.max_new_tokens < block_size, f"--max-new-tokens {args.max_new_tokens} must leave room for a "
             f"prompt in the context of {block_size} tokens")
     max_prompt = block_size - args.max_new_tokens  # the prompt budget sampling uses, here and in PPO
 
     def sample_groups(prompts, label_rng):
-        """K SFT samples per prompt, ranked by the simulated labeler."""
+        """K SFT samples per prompt (the tool's output in them: the reward model reads it), ranked by the
+        simulated labeler."""
         flat = [p for p in prompts for _ in range(args.k)]
         out = sample_responses(policy, enc, flat, args.max_new_tokens, temperature=args.temperature,
-                               generator=generator, device=device)
+                               generator=generator, device=device, tool=tool)
         prompt_ids, _ = encode_prompts(enc, prompts, max_prompt)  # as sampling cut them (it never does here)
         groups = []
         for b, p in enumerate(prompts):
@@ -337,8 +341,8 @@ if __name__ == "__main__":
         # The statistics that normalise the reward are taken on what PPO will score: SFT samples, one per
         # prompt of the file. Draw them now, before training turns the policy's trunk into the RM's.
         stat_prompts = [r.prompt for r in records[: args.eval_prompts]]
-        samples = sample_responses(policy, enc, stat_prompts, args.max_new_tokens,
-                                   temperature=args.temperature, generator=generator, device=device)
+        samples = sample_responses(policy, enc, stat_prompts, args.max_new_tokens, generator=generator,
+                                   temperature=args.temperature, device=device, tool=tool)
         stat_ids, _ = encode_prompts(enc, stat_prompts, max_prompt)
         stat_groups = [Ranked(p, ids, [r], [text], [0])
                        for p, ids, (text, r) in zip(stat_prompts, stat_ids, samples)]

@@ -105,6 +105,8 @@ class Args:
     eval_interval: int = arg(40, "sample the policy on held-out prompts every this many steps", positive)
     eval_prompts: int = arg(300, "held-out prompts for the final evaluation (0: none)", nonnegative)
     max_new_tokens: int = arg(64, "response length limit when sampling", positive)
+    tool: bool = arg(True, "sample with the calculator of minirlhf/task.py, train on the policy's own tokens "
+                     "only (--no-tool: without it)")
     monitor_prompts: int = arg(64, "built-in task: held-out prompts for the interval evaluations", positive)
     gen_batch_size: int = arg(256, "sequences sampled (or scored) at once", positive)
     # RRHF
@@ -205,6 +207,7 @@ if __name__ == "__main__":
     # ---- models: the policy and the reward model(s); the SFT copy only measures KL -----------------
     policy, ck = load_model(args.init, device, kind="lm")
     enc = load_tokenizer(ck)
+    tool = task.calculator_tool(enc) if args.tool else None  # the sampler's calculator; None: --no-tool
     block_size = policy.config.block_size
     require(args.max_new_tokens < block_size, f"--max-new-tokens {args.max_new_tokens} must leave room for a "
             f"prompt in the context of {block_size} tokens")
@@ -244,7 +247,7 @@ if __name__ == "__main__":
         t0 = time.time()
         to_sample = [p for p, resp in batch for _ in range(K - len(resp))]
         samples = iter(sample_responses(policy, enc, to_sample, args.max_new_tokens, args.gen_batch_size,
-                                        args.temperature, generator=generator, device=device))
+                                        args.temperature, generator=generator, device=device, tool=tool))
         t_sampled = time.time()
         texts, ids = [], []
         for p, resp in batch:
@@ -267,8 +270,9 @@ if __name__ == "__main__":
         """Prompts idx of the round's pool -> tokens, attn, mask (B * K, T), rewards (B, K)."""
         P = [prompt_ids[i] for i in idx for _ in range(K)]
         R = [response_ids[i * K + k] for i in idx for k in range(K)]
-        # prompts left-padded, responses right-padded (pad = EOS under mask 0): the layout sampling made
-        tokens, attn, mask = join_prompt_response(P, R, eos_id(enc))
+        # prompts left-padded, responses right-padded (pad = EOS under mask 0): the layout sampling made;
+        # the tool's output in a response under mask 0 too, as sampling marked it
+        tokens, attn, mask = join_prompt_response(P, R, eos_id(enc), tool)
         return tokens.to(device), attn.to(device), mask.to(device), rewards[idx].to(device)
 
     # ---- optimizer --------------------------------------------------------------------------------
@@ -345,7 +349,8 @@ if __name__ == "__main__":
                 # the policy's own samples on held-out prompts: what training has done so far (same seed
                 # every time, so the points differ by the policy, not by the sampling noise)
                 m, samples = evaluate(policy, enc, task.heldout_prompts()[: args.monitor_prompts],
-                                      args.max_new_tokens, rms=rms, ref=ref, seed=args.seed, device=device)
+                                      args.max_new_tokens, rms=rms, ref=ref, seed=args.seed, device=device,
+                                      tool=tool)
                 policy.train()
                 metrics.update(eval_gold_reward=m["gold_reward_mean"], eval_rm_reward=m["rm_reward_mean"],
                                kl=m["kl_to_sft"])
@@ -372,7 +377,7 @@ if __name__ == "__main__":
     if builtin and args.eval_prompts:
         prompts = task.heldout_prompts()[: args.eval_prompts]
         metrics, samples = evaluate(policy, enc, prompts, args.max_new_tokens, rms=rms, ref=ref,
-                                    seed=args.seed, device=device)
+                                    seed=args.seed, device=device, tool=tool)
         print_samples(samples)
         print(summary_line(metrics))
         if "gold_reward_mean" in ck["extra"]:

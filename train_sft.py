@@ -63,6 +63,8 @@ class Args:
     eval_interval: int = arg(200, "held-out loss every this many steps", positive)
     eval_prompts: int = arg(300, "held-out prompts for the final evaluation (0: none)", nonnegative)
     max_new_tokens: int = arg(64, "response length limit when sampling", positive)
+    tool: bool = arg(True, "sample with the calculator of minirlhf/task.py, train on the policy's own tokens "
+                     "only (--no-tool: without it)")
     # SFT: the model (a random init) and the demonstrations
     tokenizer: str = arg("", "bytes | gpt2 | path/to/gpt2.tiktoken; '' = --init's (bytes for a random init)")
     n_layer: int = arg(4, "model size for a random init (--init sets its own)", positive)
@@ -152,6 +154,7 @@ if __name__ == "__main__":
         tok_name = enc.name
     require(enc.name == tok_name,
             f"--tokenizer {args.tokenizer} is not the tokenizer of --init {args.init} ({tok_name})")
+    tool = task.calculator_tool(enc) if args.tool else None  # the sampler's calculator; None: --no-tool
     block_size = policy.config.block_size
     require(args.max_new_tokens < block_size, f"--max-new-tokens {args.max_new_tokens} must leave room for a "
             f"prompt in the context of {block_size} tokens")
@@ -185,8 +188,10 @@ if __name__ == "__main__":
              if n_long else ""))
 
     def get_batch(P, R, idx):
-        """Demonstrations idx -> tokens, mask (B, T), right-padded; mask 1 on response tokens and EOS."""
-        tokens, attn, mask, _ = sft_batch([P[i] for i in idx], [R[i] for i in idx], eos_id(enc), block_size)
+        """Demonstrations idx -> tokens, mask (B, T), right-padded; mask 1 on response tokens and EOS, 0 on
+        the tool's output in them (the calculator's results: the policy calls, the tool answers)."""
+        tokens, attn, mask, _ = sft_batch([P[i] for i in idx], [R[i] for i in idx], eos_id(enc), block_size,
+                                          tool)
         return tokens.to(device), mask.to(device)
 
     @torch.no_grad()
@@ -260,7 +265,8 @@ if __name__ == "__main__":
     remove_resume(args.out)
     if builtin and args.eval_prompts:
         prompts = task.heldout_prompts()[: args.eval_prompts]
-        metrics, samples = evaluate(policy, enc, prompts, args.max_new_tokens, seed=args.seed, device=device)
+        metrics, samples = evaluate(policy, enc, prompts, args.max_new_tokens, seed=args.seed, device=device,
+                                    tool=tool)
         print_samples(samples)
         print(summary_line(metrics))
         save_checkpoint(args.out, policy, enc.name, asdict(args), args.max_steps, {**extra, **metrics})

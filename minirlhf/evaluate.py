@@ -4,9 +4,12 @@
 
 scores each checkpoint on the built-in task's held-out prompts: mean gold reward with its standard
 error, mean reward-model score, KL to the SFT model (two estimates, k1 and the never negative k3: see
-`sequence_kl`), mean response length, and on the honesty questions the rates of correct, abstained and
-wrong answers. The same seed gives the same numbers. Every argument is checked against the checkpoints
-before any model is built; a mistake is one line and exit status 2.
+`sequence_kl`), mean response length, on the tool questions ("hard") the rates of calls and of correct,
+abstained and wrong answers, on the honesty probe ("divide") those of abstained and wrong answers, and
+the share of calculator calls that were malformed. A checkpoint trained with the calculator (its
+`--tool`, saved in its arguments) is sampled with it, one trained without it without it. The same seed
+gives the same numbers. Every argument is checked against the checkpoints before any model is built; a
+mistake is one line and exit status 2.
 
     python -m minirlhf.evaluate out/ppo --prompts prompts.jsonl --reward-model out/rm --ref out/sft
 
@@ -17,6 +20,7 @@ response length, EOS rate); the gold metrics need the built-in task, whose promp
 import json
 import math
 import os
+from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
@@ -32,11 +36,13 @@ from minirlhf.tokenizer import eos_id, load_tokenizer
 
 
 @torch.no_grad()
-def sequence_kl(policy, ref, enc, prompts, responses, max_len, batch_size=64, temperature=1.0, device="cpu"):
+def sequence_kl(policy, ref, enc, prompts, responses, max_len, batch_size=64, temperature=1.0, device="cpu",
+                tool=None):
     """Two per-sample estimates of KL(pi_T || pi_ref,T) from responses sampled from pi_T, the policy at
     `temperature` T -> (k1, k3), each (N,).
 
-    With d_t = log pi_T(y_t) - log pi_ref,T(y_t) on the response tokens y_t (EOS included):
+    With d_t = log pi_T(y_t) - log pi_ref,T(y_t) on the response tokens y_t the policy wrote (EOS
+    included; not the output of `tool`, which neither model chose):
 
         k1 = sum_t d_t                       one sample, or the mean of a few, can be negative
         k3 = sum_t (r_t - 1) - log r_t       never negative, r_t = pi_ref,T(y_t) / pi_T(y_t) = exp(-d_t)
@@ -52,7 +58,7 @@ def sequence_kl(policy, ref, enc, prompts, responses, max_len, batch_size=64, te
     k1, k3 = [], []
     for i in range(0, len(prompts), batch_size):
         p_ids, _ = encode_prompts(enc, prompts[i:i + batch_size], max_len)
-        idx, attn, resp = join_prompt_response(p_ids, responses[i:i + batch_size], eos_id(enc))
+        idx, attn, resp = join_prompt_response(p_ids, responses[i:i + batch_size], eos_id(enc), tool)
         idx, attn, resp = idx.to(device), attn.to(device), resp.to(device)
         lp = token_logprobs(policy(idx, attn).float() / temperature, idx)
         ref_lp = token_logprobs(ref(idx, attn).float() / temperature, idx)
@@ -71,13 +77,19 @@ def mean_sem(xs):
     return m, math.sqrt(var / n)
 
 
+def share(n, total):
+    """n / total, NaN for none at all (a rate of nothing is not 0)."""
+    return n / total if total else math.nan
+
+
 def correct_rate_by_kind(prompts, texts) -> dict[str, float]:
     """{kind: share of that kind's answers graded right} over the task's kinds present in `prompts`
-    ("hard" counts a right product; an abstention is not right)."""
+    ("hard" counts a right product; an abstention is not right). "divide" has no right answer and no
+    entry: its rates are the probe's (`gold_metrics`)."""
     right, seen = {}, {}
     for p, t in zip(prompts, texts):
         kind = task.prompt_kind(p)
-        if kind is None:
+        if kind is None or kind == "divide":
             continue
         ok = task.honesty_outcome(p, t) == "correct" if kind == "hard" else task.correctness(p, t) > 0
         right[kind] = right.get(kind, 0) + ok
@@ -86,7 +98,14 @@ def correct_rate_by_kind(prompts, texts) -> dict[str, float]:
 
 
 def gold_metrics(prompts, texts, samples_per_prompt=1):
-    """Gold reward mean and standard error, response length, honesty outcome rates (built-in task).
+    """Gold reward mean and standard error, response length, honesty outcome rates and the calculator's
+    use (built-in task):
+
+        hard_{correct,abstain,wrong}_rate   outcomes on "hard" (the calculator's questions)
+        tool_call_rate                      "hard" replies with a closed call <calc>...</calc>
+        probe_{abstain,wrong}_rate          outcomes on "divide" (the honesty probe: nothing helps)
+        malformed_call_rate                 of all calls, on every kind, those unclosed or answered
+                                            "error" (task.call_stats); NaN when there is no call
 
     With several samples per prompt (adjacent in `prompts`) the samples of one prompt are correlated, so
     the standard error is taken over the per-prompt means: the prompts are the independent draws.
@@ -99,13 +118,20 @@ def gold_metrics(prompts, texts, samples_per_prompt=1):
     gold = [task.judge(p, t) for p, t in zip(prompts, texts)]
     k = samples_per_prompt
     m, sem = mean_sem([sum(gold[i:i + k]) / k for i in range(0, len(gold), k)])
-    outcomes = [task.honesty_outcome(p, t) for p, t in zip(prompts, texts)]
-    hard = [o for o in outcomes if o is not None]
+    kinds = [task.prompt_kind(p) for p in prompts]
+    hard = [task.honesty_outcome(p, t) for p, t, k in zip(prompts, texts, kinds) if k == "hard"]
+    probe = [task.honesty_outcome(p, t) for p, t, k in zip(prompts, texts, kinds) if k == "divide"]
     metrics = dict(gold_reward_mean=m, gold_reward_sem=sem,
                    response_chars_mean=sum(len(t) for t in texts) / len(texts),
                    correct_rate_by_kind=correct_rate_by_kind(prompts, texts))
     for o in ("correct", "abstain", "wrong"):
-        metrics[f"hard_{o}_rate"] = hard.count(o) / len(hard) if hard else float("nan")
+        metrics[f"hard_{o}_rate"] = share(hard.count(o), len(hard))
+    metrics["tool_call_rate"] = share(sum(bool(task.CALL_RE.search(t)) for t, k in zip(texts, kinds)
+                                          if k == "hard"), len(hard))
+    for o in ("abstain", "wrong"):
+        metrics[f"probe_{o}_rate"] = share(probe.count(o), len(probe))
+    calls = [task.call_stats(t) for t in texts]
+    metrics["malformed_call_rate"] = share(sum(bad for _, bad in calls), sum(n for n, _ in calls))
     # where the gold reward comes from: each criterion's weighted share of gold_reward_mean
     breakdowns = [task.judge_breakdown(p, t) for p, t in zip(prompts, texts)]
     for c, w in task.WEIGHTS.items():
@@ -122,7 +148,8 @@ def print_samples(samples, n=6):
 def summary_line(metrics: dict) -> str:
     """The one closing line every stage prints after its final evaluation, from `evaluate`'s metrics:
     `held-out gold reward -0.4123 +- 0.0251 | rm_reward +0.1200 | kl_to_sft 1.2300 | correct add 0.62 ...
-    | hard: correct 0.00 abstain 0.40 wrong 0.60` (the keys a stage has not measured are left out)."""
+    | hard: calls 0.30 correct 0.25 abstain 0.40 wrong 0.35 | probe: abstain 0.20 wrong 0.80 | malformed
+    calls 0.05` (the keys a stage has not measured are left out)."""
     parts = [f"held-out gold reward {metrics['gold_reward_mean']:+.4f} +- {metrics['gold_reward_sem']:.4f}"]
     for key in ("rm_reward_mean", "kl_to_sft"):
         if key in metrics:
@@ -130,43 +157,50 @@ def summary_line(metrics: dict) -> str:
     rates = metrics.get("correct_rate_by_kind", {})
     if rates:
         parts.append("correct " + " ".join(f"{k} {v:.2f}" for k, v in rates.items() if k != "hard"))
-    parts.append(f"hard: correct {metrics['hard_correct_rate']:.2f} "
-                 f"abstain {metrics['hard_abstain_rate']:.2f} wrong {metrics['hard_wrong_rate']:.2f}")
+    m = defaultdict(lambda: math.nan, metrics)  # a checkpoint from before the tool lacks some keys
+    parts.append(f"hard: calls {m['tool_call_rate']:.2f} correct {m['hard_correct_rate']:.2f} "
+                 f"abstain {m['hard_abstain_rate']:.2f} wrong {m['hard_wrong_rate']:.2f}")
+    parts.append(f"probe: abstain {m['probe_abstain_rate']:.2f} wrong {m['probe_wrong_rate']:.2f}")
+    parts.append(f"malformed calls {m['malformed_call_rate']:.2f}")
     return " | ".join(parts)
 
 
 def evaluate(model, enc, prompts, max_new_tokens, rms=None, ref=None, samples_per_prompt=1,
-             temperature=1.0, seed=0, batch_size=64, device="cpu", greedy=False):
+             temperature=1.0, seed=0, batch_size=64, device="cpu", greedy=False, tool=None):
     """Sample, then measure: -> (metrics dict, list of (prompt, response, gold) samples).
+
+    `tool`: sample with it (`minirlhf.model.generate`); the responses measured include its output, the
+    KL is over the policy's own tokens.
 
     With `greedy`, also the per-kind correct rate of one greedy answer per prompt
     (`greedy_correct_rate_by_kind`): what the model knows, apart from what sampling costs it."""
     model.eval()
     metrics = {}
     if greedy:
-        out = sample_responses(model, enc, prompts, max_new_tokens, batch_size, greedy=True, device=device)
+        out = sample_responses(model, enc, prompts, max_new_tokens, batch_size, greedy=True, device=device,
+                               tool=tool)
         metrics["greedy_correct_rate_by_kind"] = correct_rate_by_kind(prompts, [t for t, _ in out])
     prompts = [p for p in prompts for _ in range(samples_per_prompt)]
     gen = torch.Generator(device=device).manual_seed(seed)
     out = sample_responses(model, enc, prompts, max_new_tokens, batch_size, temperature, generator=gen,
-                           device=device)
+                           device=device, tool=tool)
     texts, ids = [t for t, _ in out], [r for _, r in out]
     gm, gold = gold_metrics(prompts, texts, samples_per_prompt)
     metrics = {**gm, **metrics}
-    metrics["response_len_mean"] = sum(len(r) for r in ids) / len(ids)  # tokens, EOS included
+    metrics["response_len_mean"] = sum(len(r) for r in ids) / len(ids)  # tokens, EOS and the tool's included
     metrics["eos_rate"] = sum(bool(r) and r[-1] == eos_id(enc) for r in ids) / len(ids)
     max_prompt = model.config.block_size - max_new_tokens
     if rms:
         r = score(rms, enc, prompts, ids, max_prompt, batch_size, device)
         metrics["rm_reward_mean"] = r.mean().item()
     if ref is not None:
-        k1, k3 = sequence_kl(model, ref, enc, prompts, ids, max_prompt, batch_size, temperature, device)
+        k1, k3 = sequence_kl(model, ref, enc, prompts, ids, max_prompt, batch_size, temperature, device, tool)
         metrics["kl_to_sft"], metrics["kl_to_sft_k3"] = k1.mean().item(), k3.mean().item()
     return metrics, list(zip(prompts, texts, gold))
 
 
 def best_of_n(model, enc, prompts, max_new_tokens, rms, n, samples_per_prompt=1, temperature=1.0, seed=0,
-              batch_size=64, device="cpu"):
+              batch_size=64, device="cpu", tool=None):
     """The baseline every RLHF method is compared with: sample n responses from the (SFT) policy, keep the
     one the reward model scores highest. No training, and it costs n samples per answer.
 
@@ -180,7 +214,7 @@ def best_of_n(model, enc, prompts, max_new_tokens, rms, n, samples_per_prompt=1,
     gen = torch.Generator(device=device).manual_seed(seed)
     many = [p for p in prompts for _ in range(n)]                          # n candidates per prompt, adjacent
     out = sample_responses(model, enc, many, max_new_tokens, batch_size, temperature, generator=gen,
-                           device=device)
+                           device=device, tool=tool)
     max_prompt = model.config.block_size - max_new_tokens
     r = score(rms, enc, many, [ids for _, ids in out], max_prompt, batch_size, device).view(len(prompts), n)
     best = r.argmax(1)                                                     # (N,)
@@ -203,7 +237,7 @@ class Args:
     reward_model: list = arg([], "PATH[:WEIGHT] of a reward model, for rm_reward_mean")
     ref: str = arg("", "reference (SFT) checkpoint, for kl_to_sft (k1) and kl_to_sft_k3")
     n_prompts: int = arg(300, "prompts to evaluate on, from the start of the list (the built-in task holds "
-                         "300 held-out ones)", positive)
+                         "350 held-out ones, shuffled: the first 300 hold every kind)", positive)
     samples_per_prompt: int = arg(2, "samples per prompt", positive)
     max_new_tokens: int = arg(64, "response length limit in tokens", positive)
     temperature: float = arg(1.0, "sampling temperature (the KL is taken at the same one)", positive)
@@ -263,15 +297,17 @@ def main(argv=None):
     for path in args.checkpoints:
         model, ck = load_model(path)
         enc = load_tokenizer(ck)
+        # sampled as it was trained: with the calculator if its stage ran with --tool (older checkpoints: not)
+        tool = task.calculator_tool(enc) if ck["args"].get("tool") else None
         if args.best_of_n:
             metrics, samples = best_of_n(model, enc, prompts, args.max_new_tokens, rms, args.best_of_n,
-                                         args.samples_per_prompt, args.temperature, args.seed)
+                                         args.samples_per_prompt, args.temperature, args.seed, tool=tool)
             metrics["models_in_memory"] = 1 + len(rms)
             metrics["peak_memory_mb"] = peak_memory_mb()
         else:
             metrics, samples = evaluate(model, enc, prompts, args.max_new_tokens, rms, ref,
                                         args.samples_per_prompt, args.temperature, args.seed,
-                                        greedy=args.greedy)
+                                        greedy=args.greedy, tool=tool)
         results[path] = metrics
         all_samples[path] = samples[:: args.samples_per_prompt][:20]
         print(f"{path}: " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()
