@@ -20,6 +20,9 @@ from minirlhf.tokenizer import get_encoding
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHOD_FIELDS = ("gold_reward_mean", "gold_reward_sem", "rm_reward_mean", "kl_to_sft", "response_len_mean",
                  "wall_seconds", "peak_memory_mb", "models_in_memory")
+# the tool world's rates (NaN where a --fast evaluation met no such prompt or call)
+TOOL_FIELDS = ("tool_call_rate", "hard_correct_rate", "hard_abstain_rate", "hard_wrong_rate",
+               "probe_abstain_rate", "probe_wrong_rate", "malformed_call_rate")
 
 
 def test_fast_pipeline_writes_full_report(tmp_path):
@@ -31,6 +34,8 @@ def test_fast_pipeline_writes_full_report(tmp_path):
     for method in METHODS:
         for field in METHOD_FIELDS:
             assert isinstance(report[method].get(field), (int, float)), (method, field)
+        for field in TOOL_FIELDS:
+            assert isinstance(report[method].get(field), float), (method, field)
         assert set(report[method]["correct_rate_by_kind"]) <= set(task.KINDS)
     assert set(report["sft"]["greedy_correct_rate_by_kind"]) <= set(task.KINDS)
     assert report["ppo"]["models_in_memory"] == 4 and report["best_of_n"]["models_in_memory"] == 2
@@ -40,7 +45,7 @@ def test_fast_pipeline_writes_full_report(tmp_path):
         assert 0.0 <= report["rm"][field] <= 1.0
     table = (out / "report.md").read_text()
     assert all(f"| {m} |" in table for m in METHODS) and "## Sample answers" in table
-    assert "correct rate by kind" in table
+    assert "correct rate by kind" in table and "the calculator and honesty" in table
     assert "| grpo_verifier |" in proc.stdout  # the table is printed too
 
 
@@ -61,7 +66,7 @@ def test_chat_answers_one_prompt(tmp_path):
     from minirlhf.checkpoint import save_checkpoint
     torch.manual_seed(0)
     save_checkpoint(str(tmp_path), GPT(GPTConfig(block_size=64, n_layer=1, n_head=2, n_embd=32)),
-                    "bytes", {}, 0)
+                    "bytes", {"tool": True}, 0)  # trained with the calculator: chat samples with it
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "chat.py"), str(tmp_path), "What is 2 + 3?",
                            "--max-new-tokens", "8", "--samples", "2"], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
