@@ -30,7 +30,7 @@ from minirlhf import dist, task
 from minirlhf.checkpoint import ckpt_path, load_model, remove_resume, save_checkpoint
 from minirlhf.cli import (Log, adamw, arg, check_device, check_dtype, check_finite, nonnegative, parse_args,
                           peak_memory_mb, positive, require, warmup_cosine)
-from minirlhf.data import PairRecord, SFTRecord, read_jsonl, sft_batch
+from minirlhf.data import PairRecord, SFTRecord, read_jsonl, responses_fit, sft_batch
 from minirlhf.evaluate import evaluate, print_samples, summary_line
 from minirlhf.model import GPT, GPT2_NAMES, GPTConfig
 from minirlhf.tokenizer import encode_prompt, encode_response, eos_id, get_encoding, load_tokenizer
@@ -162,7 +162,9 @@ if __name__ == "__main__":
     # ---- data: demonstrations ---------------------------------------------------------------------
     builtin = not args.data  # the gold judge and the held-out prompts: built-in task only
     if args.data:
-        records = read_jsonl(args.data, "auto")
+        # a response longer than the context by itself is an error that names its file, line and field
+        fits = responses_fit(lambda text: encode_response(enc, text), block_size)
+        records = read_jsonl(args.data, "auto", check=fits)
         require(isinstance(records[0], (SFTRecord, PairRecord)),
                 f"{args.data}: {type(records[0]).__name__}s hold no response to imitate: SFT needs "
                 "{prompt, response}, pairwise or HH-RLHF records")

@@ -146,8 +146,9 @@ GOOD = {"prompt": "What is 1 + 2?", "response": "3"}
     ({"prompt": "  ", "response": "4"}, [":2:", "field 'prompt'", "empty"]),
     ({"prompt": "What is 2 + 2?", "response": ""}, [":2:", "field 'response'", "empty"]),
     (b'{"prompt": "What is 2 + 2?", "response": "\xff4"}', [":2:", "not valid UTF-8"]),
+    ({"prompt": "What is 2 + 2?", "response": "4" * 300}, [":2:", "field 'response'", "longer by itself"]),
 ], ids=["not-json", "missing-field", "misspelled-field", "wrong-type", "empty-prompt", "empty-response",
-        "not-utf8"])
+        "not-utf8", "response-beyond-context"])
 def test_bad_sft_record(tmp_path, line, fragments):
     data = write_lines(tmp_path / "data.jsonl", [GOOD, line])
     assert_user_error(run_here("train_sft.py", *SFT_TINY, "--data", data, "--out", tmp_path / "out"),
