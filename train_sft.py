@@ -30,7 +30,7 @@ from minirlhf import dist, task
 from minirlhf.checkpoint import ckpt_path, load_model, remove_resume, save_checkpoint
 from minirlhf.cli import (Log, adamw, arg, check_device, check_dtype, check_finite, nonnegative, parse_args,
                           peak_memory_mb, positive, require, warmup_cosine)
-from minirlhf.data import PairRecord, SFTRecord, read_jsonl, responses_fit, sft_batch
+from minirlhf.data import PairRecord, SFTRecord, packed_sft_batch, read_jsonl, responses_fit
 from minirlhf.evaluate import evaluate, print_samples, summary_line
 from minirlhf.model import GPT, GPT2_NAMES, GPTConfig
 from minirlhf.tokenizer import encode_prompt, encode_response, eos_id, get_encoding, load_tokenizer
@@ -187,20 +187,23 @@ if __name__ == "__main__":
              if n_long else ""))
 
     def get_batch(P, R, idx):
-        """Demonstrations idx -> tokens, mask (B, T), right-padded; mask 1 on response tokens and EOS."""
-        tokens, attn, mask, _ = sft_batch([P[i] for i in idx], [R[i] for i in idx], eos_id(enc), block_size)
-        return tokens.to(device), mask.to(device)
+        """Demonstrations idx -> inputs, targets, mask, doc_ids (R, block_size): packed end to end, each
+        attending to itself only, instead of padded to the longest (see data.packed_sft_batch); mask 1
+        on response targets and EOS."""
+        batch = packed_sft_batch([P[i] for i in idx], [R[i] for i in idx], eos_id(enc), block_size)
+        return (x.to(device) for x in batch)
 
     @torch.no_grad()
     def val_loss():
         policy.eval()
         total, n = 0.0, 0
         for i in range(0, len(val_p), args.batch_size):
-            tokens, mask = get_batch(val_p, val_r, range(i, min(i + args.batch_size, len(val_p))))
+            rows = range(i, min(i + args.batch_size, len(val_p)))
+            inputs, targets, mask, docs = get_batch(val_p, val_r, rows)
             with autocast:
-                logits = policy(tokens[:, :-1])
-            k = mask[:, 1:].sum().item()
-            total += sft_loss(logits, tokens[:, 1:], mask[:, 1:]).item() * k
+                logits = policy(inputs, doc_ids=docs)
+            k = mask.sum().item()
+            total += sft_loss(logits, targets, mask).item() * k
             n += k
         policy.train()
         return total / n
@@ -224,13 +227,13 @@ if __name__ == "__main__":
         for g in optimizer.param_groups:
             g["lr"] = lr_at(step)
         idx = [data_rng.randrange(len(train_p)) for _ in range(args.batch_size)]  # the same on every rank
-        tokens, mask = get_batch(train_p, train_r, dist.shard(idx))  # this rank's slice of the batch
+        inputs, targets, mask, docs = get_batch(train_p, train_r, dist.shard(idx))  # this rank's slice
         with autocast:
-            logits = train_policy(tokens[:, :-1])         # right padding: causal attention never reads it
-        # L = -mean over response tokens of log pi(y_t | x, y_<t); logits[:, t] scores tokens[:, t + 1]
+            logits = train_policy(inputs, doc_ids=docs)  # each demonstration sees itself only
+        # L = -mean over response tokens of log pi(y_t | x, y_<t); logits[:, t] scores targets[:, t]
         # (the mean over the tokens of the whole batch, every rank's: dist.batch_mean)
-        n_tokens = mask[:, 1:].sum()
-        loss = dist.batch_mean(sft_loss(logits, tokens[:, 1:], mask[:, 1:]), n_tokens)
+        n_tokens = mask.sum()
+        loss = dist.batch_mean(sft_loss(logits, targets, mask), n_tokens)
         check_finite(loss, step, args.out)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -240,7 +243,7 @@ if __name__ == "__main__":
         evaluate_now = step % args.eval_interval == 0 or step == last
         if step % 10 == 0 or evaluate_now:
             # this rank's tokens -> the batch's: token_acc is a mean over tokens, tokens a count
-            stats = dist.batch_stats(sft_stats(logits, tokens[:, 1:], mask[:, 1:]), n_tokens, ("tokens",))
+            stats = dist.batch_stats(sft_stats(logits, targets, mask), n_tokens, ("tokens",))
             metrics = dict(loss=loss, **stats, grad_norm=grad_norm, lr=lr_at(step),
                            ms=(time.time() - t0) * 1000)
             if evaluate_now and dist.is_main:
