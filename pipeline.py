@@ -118,12 +118,13 @@ def split_flags(option: str, value: str) -> list[str]:
 
 def check_flags(option: str, script: str, flags: list[str]):
     """Parse a stage's whole command line with the stage's own `Args`, as its process will: an unknown
-    flag or a bad value (the extra flags of `option`, e.g. --ppo) stops the pipeline before any stage runs."""
+    flag or a bad value (the extra flags of `option`, e.g. --ppo) stops the pipeline before any stage runs.
+    Returns the parsed `Args`."""
     module = importlib.import_module(script[3:] if script.startswith("-m ") else script.removesuffix(".py"))
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
-            parse_args(module.Args, flags)
+            return parse_args(module.Args, flags)
     except SystemExit:  # argparse's own error: an unknown flag, or a value of the wrong type
         why = err.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1]
         raise UsageError(f"{option}: {script.removeprefix('-m ')}: {why}") from None
@@ -268,7 +269,10 @@ def main():
                     "delete it (or choose another --out) to start over")
             flags.append("--resume" if unfinished else "--overwrite")
         flags += (stage.fast.split() if args.fast else []) + split_flags(option, extra)
-        check_flags(f"{option} {extra!r}", stage.script, flags)
+        parsed = check_flags(f"{option} {extra!r}", stage.script, flags)
+        if stage.name == "best_of_n":
+            require(parsed.best_of_n >= 2, f"{option} {extra!r}: the best-of-n baseline needs --best-of-n 2 "
+                    f"or more ({parsed.best_of_n} would report plain SFT samples)")
         commands[stage.name] = [sys.executable, *stage.script.split(), *flags]
     trained = [m for m in METHODS if m != "best_of_n"]
     eval_flags = [*[p(m) for m in trained], "--json", p("eval.json"), "--samples-json", p("samples.json"),

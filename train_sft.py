@@ -30,7 +30,7 @@ from minirlhf import dist, task
 from minirlhf.checkpoint import ckpt_path, load_model, remove_resume, save_checkpoint
 from minirlhf.cli import (Log, adamw, arg, check_device, check_dtype, check_finite, nonnegative, parse_args,
                           peak_memory_mb, positive, require, warmup_cosine)
-from minirlhf.data import PairRecord, SFTRecord, read_jsonl, sft_batch
+from minirlhf.data import PairRecord, SFTRecord, packed_sft_batch, read_jsonl, responses_fit, tool_mask
 from minirlhf.evaluate import evaluate, print_samples, summary_line
 from minirlhf.model import GPT, GPT2_NAMES, GPTConfig
 from minirlhf.tokenizer import encode_prompt, encode_response, eos_id, get_encoding, load_tokenizer
@@ -59,7 +59,7 @@ class Args:
     grad_clip: float = arg(1.0, "clip the gradient norm to this", positive)
     batch_size: int = arg(32, "sequences per step", positive)
     # schedule and evaluation
-    max_steps: int = arg(800, "optimisation steps", positive)
+    max_steps: int = arg(2400, "optimisation steps", positive)
     eval_interval: int = arg(200, "held-out loss every this many steps", positive)
     eval_prompts: int = arg(300, "held-out prompts for the final evaluation (0: none)", nonnegative)
     max_new_tokens: int = arg(64, "response length limit when sampling", positive)
@@ -68,10 +68,10 @@ class Args:
     # SFT: the model (a random init) and the demonstrations
     tokenizer: str = arg("", "bytes | gpt2 | path/to/gpt2.tiktoken; '' = --init's (bytes for a random init)")
     n_layer: int = arg(4, "model size for a random init (--init sets its own)", positive)
-    n_head: int = arg(4, "attention heads", positive)
+    n_head: int = arg(8, "attention heads", positive)
     n_embd: int = arg(128, "width", positive)
     block_size: int = arg(128, "context length (prompt + response)", positive)
-    n_demos: int = arg(20000, "built-in task: demonstrations the simulated annotators write", positive)
+    n_demos: int = arg(80000, "built-in task: demonstrations the simulated annotators write", positive)
 
 
 def sft_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -165,7 +165,9 @@ if __name__ == "__main__":
     # ---- data: demonstrations ---------------------------------------------------------------------
     builtin = not args.data  # the gold judge and the held-out prompts: built-in task only
     if args.data:
-        records = read_jsonl(args.data, "auto")
+        # a response longer than the context by itself is an error that names its file, line and field
+        fits = responses_fit(lambda text: encode_response(enc, text), block_size)
+        records = read_jsonl(args.data, "auto", check=fits)
         require(isinstance(records[0], (SFTRecord, PairRecord)),
                 f"{args.data}: {type(records[0]).__name__}s hold no response to imitate: SFT needs "
                 "{prompt, response}, pairwise or HH-RLHF records")
@@ -181,29 +183,33 @@ if __name__ == "__main__":
     encode = lambda ps: ([encode_prompt(enc, p) for p, _ in ps], [encode_response(enc, r) for _, r in ps])
     train_p, train_r = encode(train_pairs)
     val_p, val_r = encode(val_pairs)
+    # which response tokens the policy wrote (1) and which the calculator (0), found once: data.tool_mask
+    train_m, val_m = ([tool_mask(r, tool) for r in rs] if tool else None for rs in (train_r, val_r))
     # A demonstration longer than the context loses the start of its prompt (see data.sft_batch).
     n_long = sum(len(p) + len(r) > block_size + 1 for p, r in zip(train_p, train_r))
     print(f"data: {len(train_pairs)} train, {len(val_pairs)} validation demonstrations"
           + (f"; {n_long} longer than the context ({block_size}) lose the start of their prompt"
              if n_long else ""))
 
-    def get_batch(P, R, idx):
-        """Demonstrations idx -> tokens, mask (B, T), right-padded; mask 1 on response tokens and EOS, 0 on
-        the tool's output in them (the calculator's results: the policy calls, the tool answers)."""
-        tokens, attn, mask, _ = sft_batch([P[i] for i in idx], [R[i] for i in idx], eos_id(enc), block_size,
-                                          tool)
-        return tokens.to(device), mask.to(device)
+    def get_batch(P, R, M, idx):
+        """Demonstrations idx -> inputs, targets, mask, doc_ids (R, block_size): packed end to end, each
+        attending to itself only, instead of padded to the longest (see data.packed_sft_batch); mask 1
+        on response targets and EOS, 0 on the tool's output in them (the policy calls, the tool answers)."""
+        masks = [M[i] for i in idx] if M else None
+        batch = packed_sft_batch([P[i] for i in idx], [R[i] for i in idx], eos_id(enc), block_size, masks)
+        return (x.to(device) for x in batch)
 
     @torch.no_grad()
     def val_loss():
         policy.eval()
         total, n = 0.0, 0
         for i in range(0, len(val_p), args.batch_size):
-            tokens, mask = get_batch(val_p, val_r, range(i, min(i + args.batch_size, len(val_p))))
+            rows = range(i, min(i + args.batch_size, len(val_p)))
+            inputs, targets, mask, docs = get_batch(val_p, val_r, val_m, rows)
             with autocast:
-                logits = policy(tokens[:, :-1])
-            k = mask[:, 1:].sum().item()
-            total += sft_loss(logits, tokens[:, 1:], mask[:, 1:]).item() * k
+                logits = policy(inputs, doc_ids=docs)
+            k = mask.sum().item()
+            total += sft_loss(logits, targets, mask).item() * k
             n += k
         policy.train()
         return total / n
@@ -227,13 +233,14 @@ if __name__ == "__main__":
         for g in optimizer.param_groups:
             g["lr"] = lr_at(step)
         idx = [data_rng.randrange(len(train_p)) for _ in range(args.batch_size)]  # the same on every rank
-        tokens, mask = get_batch(train_p, train_r, dist.shard(idx))  # this rank's slice of the batch
+        # this rank's slice of the batch
+        inputs, targets, mask, docs = get_batch(train_p, train_r, train_m, dist.shard(idx))
         with autocast:
-            logits = train_policy(tokens[:, :-1])         # right padding: causal attention never reads it
-        # L = -mean over response tokens of log pi(y_t | x, y_<t); logits[:, t] scores tokens[:, t + 1]
+            logits = train_policy(inputs, doc_ids=docs)  # each demonstration sees itself only
+        # L = -mean over response tokens of log pi(y_t | x, y_<t); logits[:, t] scores targets[:, t]
         # (the mean over the tokens of the whole batch, every rank's: dist.batch_mean)
-        n_tokens = mask[:, 1:].sum()
-        loss = dist.batch_mean(sft_loss(logits, tokens[:, 1:], mask[:, 1:]), n_tokens)
+        n_tokens = mask.sum()
+        loss = dist.batch_mean(sft_loss(logits, targets, mask), n_tokens)
         check_finite(loss, step, args.out)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -243,7 +250,7 @@ if __name__ == "__main__":
         evaluate_now = step % args.eval_interval == 0 or step == last
         if step % 10 == 0 or evaluate_now:
             # this rank's tokens -> the batch's: token_acc is a mean over tokens, tokens a count
-            stats = dist.batch_stats(sft_stats(logits, tokens[:, 1:], mask[:, 1:]), n_tokens, ("tokens",))
+            stats = dist.batch_stats(sft_stats(logits, targets, mask), n_tokens, ("tokens",))
             metrics = dict(loss=loss, **stats, grad_norm=grad_norm, lr=lr_at(step),
                            ms=(time.time() - t0) * 1000)
             if evaluate_now and dist.is_main:

@@ -194,15 +194,17 @@ def save_resume(out_dir: str, model, tokenizer: str, args, step: int, state: dic
 RESUMABLE_CHANGES = ("resume", "ckpt_interval", "out")
 
 
-def resume_or_start(args, model, state: dict) -> tuple[int, dict]:
+def resume_or_start(args, model, state: dict, lock: bool = True) -> tuple[int, dict]:
     """-> (the step to start at, the values saved with `save_resume`).
 
     A fresh run (args.resume false) starts at 0 with no values, unless `args.out` holds an unfinished
     run's resume.pt: that is refused rather than overwritten. With --resume, `model` and every object in
     `state` are restored in place from args.out/resume.pt, after checking that the run had the same arguments.
+    `lock`: take args.out's run.lock first (`take_lock`); under torchrun rank 0's lock stands for all ranks.
     """
     path = os.path.join(args.out, RESUME_NAME)
-    take_lock(args.out)
+    if lock:
+        take_lock(args.out)
     if not args.resume and not getattr(args, "overwrite", False) and os.path.exists(ckpt_path(args.out)):
         raise CheckpointError(f"{ckpt_path(args.out)}: a finished run is saved here; pass --overwrite to "
                               "replace it, or choose another --out")

@@ -13,7 +13,6 @@ and no process group, and every function here returns its input: a script runs e
 import atexit
 import os
 import sys
-from unittest import mock
 
 import torch
 import torch.distributed as tdist
@@ -192,8 +191,7 @@ def resume_or_start(args, model, state: dict):
     if failure[0]:
         raise failure[0]
     if not is_main:
-        with mock.patch.object(checkpoint, "take_lock", skip):  # rank 0's lock stands for the whole job
-            start, values = checkpoint.resume_or_start(args, model, state)
+        start, values = checkpoint.resume_or_start(args, model, state, lock=False)  # rank 0's lock holds
     for name, states in values.pop("rank_generators", {}).items():
         require(len(states) == WORLD_SIZE, f"{args.out}: the run was saved by {len(states)} process(es), "
                 f"each sampling with its own generator: resume it with --nproc_per_node {len(states)}")

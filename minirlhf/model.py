@@ -125,6 +125,20 @@ def attention_bias(attention_mask, T: int):
     return keep[:, None]                                                     # (B, 1, T, S)
 
 
+def packed_bias(doc_ids):
+    """Rows that hold several documents end to end (`data.packed_sft_batch`): -> the boolean SDPA mask
+    (B, 1, T, T), causal AND within the query's own document, and the positions (B, T), which restart at
+    0 where each document starts. doc_ids (B, T): a document's id on each of its (contiguous) tokens."""
+    B, T = doc_ids.shape
+    t = torch.arange(T, device=doc_ids.device)
+    same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]                    # (B, T, T)
+    keep = same_doc & (t[:, None] >= t[None, :])[None]                       # and causal
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]                        # a document begins here
+    first = torch.where(starts, t, 0).cummax(dim=1).values                   # where each token's began
+    return keep[:, None], t - first
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -157,18 +171,22 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
-    def hidden(self, idx, attention_mask=None, cache: KVCache | None = None):
+    def hidden(self, idx, attention_mask=None, cache: KVCache | None = None, doc_ids=None):
         """The final hidden states (B, T, C) after ln_f.
 
         idx: (B, T) token ids, the new tokens only when a cache is given.
         attention_mask: (B, S) 1 on real tokens, S = tokens in the cache + T. None means no padding.
+        doc_ids: (B, T), for rows that pack several documents (`packed_bias`); no mask, no cache then.
         """
         B, T = idx.shape
         past = cache.pos if cache is not None else 0
         if past + T > self.config.block_size:
             raise ValueError(f"sequence of {past + T} tokens is longer than "
                              f"block_size {self.config.block_size}")
-        if attention_mask is None:
+        if doc_ids is not None:
+            assert attention_mask is None and cache is None, "packed rows take doc_ids alone"
+            mask, pos = packed_bias(doc_ids)
+        elif attention_mask is None:
             pos = torch.arange(past, past + T, device=idx.device)[None]      # (1, T)
             # without padding, causal attention needs a mask only when attending to a cache
             mask = None if cache is None else attention_bias(torch.ones(B, past + T, device=idx.device), T)
@@ -185,9 +203,9 @@ class GPT(nn.Module):
             cache.pos += T
         return self.transformer.ln_f(x)
 
-    def forward(self, idx, attention_mask=None, cache: KVCache | None = None):
+    def forward(self, idx, attention_mask=None, cache: KVCache | None = None, doc_ids=None):
         """Logits (B, T, vocab_size) at every position: logits[:, t] scores token t + 1."""
-        return self.lm_head(self.hidden(idx, attention_mask, cache))
+        return self.lm_head(self.hidden(idx, attention_mask, cache, doc_ids))
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         p = self.transformer.wte.weight

@@ -140,9 +140,10 @@ def test_one_process_helpers_hand_back_their_input():
 def test_sft_two_processes_same_weights(tiny_chain, tmp_path):
     """Against the session's tiny SFT run (one process, the same flags): 3 steps of 32 sequences."""
     one, two = one_vs_two("train_sft.py", TINY_SFT, tmp_path, one=tiny_chain["sft"])
-    # measured: 4.2e-8 (each rank pads its batch to its own longest, and the gradient is summed in
-    # another order)
-    assert weight_diff(one, two) < 1e-6
+    # measured: 1.7e-6 on one coordinate of h.0.mlp.c_fc, at most 1e-7 elsewhere (each rank packs its own
+    # slice into rows, so the sums run in another order; where a gradient is near 0, Adam's normalised
+    # step turns that rounding into a visible difference)
+    assert weight_diff(one, two) < 1e-5
 
 
 def test_rm_two_processes_same_weights(tiny_chain, tmp_path):

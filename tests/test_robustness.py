@@ -146,8 +146,9 @@ GOOD = {"prompt": "What is 1 + 2?", "response": "3"}
     ({"prompt": "  ", "response": "4"}, [":2:", "field 'prompt'", "empty"]),
     ({"prompt": "What is 2 + 2?", "response": ""}, [":2:", "field 'response'", "empty"]),
     (b'{"prompt": "What is 2 + 2?", "response": "\xff4"}', [":2:", "not valid UTF-8"]),
+    ({"prompt": "What is 2 + 2?", "response": "4" * 300}, [":2:", "field 'response'", "longer by itself"]),
 ], ids=["not-json", "missing-field", "misspelled-field", "wrong-type", "empty-prompt", "empty-response",
-        "not-utf8"])
+        "not-utf8", "response-beyond-context"])
 def test_bad_sft_record(tmp_path, line, fragments):
     data = write_lines(tmp_path / "data.jsonl", [GOOD, line])
     assert_user_error(run_here("train_sft.py", *SFT_TINY, "--data", data, "--out", tmp_path / "out"),
@@ -301,16 +302,18 @@ MISUSES = [
      "--max-new-tokens 1000: must leave room for a prompt in the context of 64 tokens of {sft}"),
     ("chat.py", ["{tmp}/nope", "hi"], "{tmp}/nope: no such checkpoint"),
     ("chat.py", ["hello"], "hello: no such checkpoint; the arguments are checkpoint folders, then"),
-    ("chat.py", ["{sft}", "hello", "again"], "hello: no such checkpoint"),  # a stray word before the prompt
+    ("chat.py", ["{sft}", "hello", "again", "--max-new-tokens", "8"],  # a stray word before the prompt
+     "hello: no such checkpoint"),
     ("chat.py", ["{sft}", "hi", "--temperature", "0"], "--temperature 0.0: must be positive"),
     ("chat.py", ["{sft}", "hi", "--temperature", "-1"], "--temperature -1.0: must be positive"),
     ("chat.py", ["{rm}", "hi"], "{rm}/ckpt.pt: a reward model (train_rm.py), where a language model"),
     ("chat.py", ["{junk}", "hi"], "{junk}: not a torch checkpoint: neither a zip archive"),
     (EVALUATE, ["{sft}", "--n-prompts", "0"], "--n-prompts 0: must be positive"),
     (EVALUATE, ["{rm}"], "{rm}/ckpt.pt: a reward model (train_rm.py), where a language model"),
-    (EVALUATE, ["{sft}", "--ref", "{rm}"], "--ref {rm}/ckpt.pt: a reward model"),
+    (EVALUATE, ["{sft}", "--ref", "{rm}", "--max-new-tokens", "8"], "--ref {rm}/ckpt.pt: a reward model"),
     (EVALUATE, ["{sft}", "--max-new-tokens", "500"], "--max-new-tokens 500: must leave room for a prompt"),
-    (EVALUATE, ["{sft}", "--reward-model", "{sft}"], "where a reward model (train_rm.py) is needed"),
+    (EVALUATE, ["{sft}", "--reward-model", "{sft}", "--max-new-tokens", "8"],
+     "where a reward model (train_rm.py) is needed"),
     (EVALUATE, ["{sft}", "--best-of-n", "4"], "--best-of-n 4: needs --reward-model"),
     (EVALUATE, ["{sft}", "--best-of-n", "-1"], "--best-of-n -1: must be >= 0"),
     (EVALUATE, ["{sft}", "--json", "{tmp}/no/eval.json"], "--json {tmp}/no/eval.json: no such folder"),
@@ -323,6 +326,7 @@ MISUSES = [
     ("pipeline.py", ["--out", "{tmp}/out", "--sft", "--device tpu"], "train_sft.py: --device tpu: expected"),
     ("pipeline.py", ["--out", "{tmp}/out", "--eval", "--n-prompts 0"],
      "--eval '--n-prompts 0': minirlhf.evaluate: --n-prompts 0: must be positive"),
+    ("pipeline.py", ["--out", "{tmp}/out", "--best-of-n", "--best-of-n 0"], "--best-of-n 2 or more"),
     ("pipeline.py", ["--out", "{junk}"], "--out {junk}: a file, where a folder is needed"),
     ("train_ppo.py", ["--init", "{junk}", "--reward-model", "{rm}", "--out", "{tmp}/out"],
      "{junk}: not a torch checkpoint"),

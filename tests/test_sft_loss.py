@@ -117,3 +117,32 @@ def test_stats_count_the_masked_tokens_and_their_argmax_hits():
     s = sft_stats(logits, targets, torch.tensor([[0, 1, 1]]))  # position 0 is prompt: not counted
     assert s["tokens"].item() == 2 and s["token_acc"].item() == 0.5
     assert sft_stats(logits, targets, torch.zeros(1, 3))["token_acc"].item() == 0.0  # no tokens: 0, not NaN
+
+
+def test_packed_batch_is_the_padded_batch():
+    """train_sft packs demonstrations end to end (data.packed_sft_batch, GPT(doc_ids=...)); in float64
+    its loss and every parameter's gradient equal those of the right-padded batch (data.sft_batch)."""
+    from minirlhf.data import packed_sft_batch, sft_batch
+    from minirlhf.model import GPT, GPTConfig
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=24, vocab_size=17, n_layer=2, n_head=2, n_embd=16)).double()
+    g = torch.Generator().manual_seed(1)
+    lengths = [(3, 2), (7, 5), (1, 1), (12, 9), (4, 20), (2, 3), (30, 4)]  # (prompt, response); some cut
+    prompts = [torch.randint(1, 17, (p,), generator=g).tolist() for p, _ in lengths]
+    responses = [torch.randint(1, 17, (r,), generator=g).tolist() + [0] for _, r in lengths]
+
+    def loss_and_grads(logits_of):
+        model.zero_grad()
+        loss = logits_of()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    tokens, attn, mask, _ = sft_batch(prompts, responses, 0, 24)
+    padded = loss_and_grads(lambda: sft_loss(model(tokens[:, :-1]), tokens[:, 1:], mask[:, 1:]))
+    inputs, targets, pmask, docs = packed_sft_batch(prompts, responses, 0, 24)
+    assert inputs.shape[0] < len(lengths) and inputs.shape[1] == 24   # fewer rows than demonstrations
+    assert pmask.sum() == mask[:, 1:].sum() and docs.max() == len(lengths) - 1
+    packed = loss_and_grads(lambda: sft_loss(model(inputs, doc_ids=docs), targets, pmask))
+    torch.testing.assert_close(packed[0], padded[0], rtol=1e-12, atol=1e-12)
+    for a, b in zip(packed[1], padded[1]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
