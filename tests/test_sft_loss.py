@@ -146,3 +146,14 @@ def test_packed_batch_is_the_padded_batch():
     torch.testing.assert_close(packed[0], padded[0], rtol=1e-12, atol=1e-12)
     for a, b in zip(packed[1], padded[1]):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_packed_batch_keeps_the_tool_mask():
+    """A response's tool tokens (mask 0 from data.tool_mask) stay out of the packed loss mask."""
+    from minirlhf.data import packed_sft_batch
+    prompts, responses = [[5, 6, 7], [8, 9]], [[1, 2, 3, 4, 0], [3, 3, 0]]
+    masks = [[1, 0, 0, 1, 1], [1, 1, 1]]  # the first response's tokens 2, 3 are a tool's output
+    inputs, targets, mask, docs = packed_sft_batch(prompts, responses, 0, 16, masks)
+    assert inputs.shape == (1, 16)
+    assert targets[0, :6].tolist() == [6, 7, 1, 2, 3, 4] and mask[0, :6].tolist() == [0, 0, 1, 0, 0, 1]
+    assert mask[0, 6:11].tolist() == [1, 0, 1, 1, 1] and docs[0, :11].tolist() == [0] * 7 + [1] * 4
