@@ -294,7 +294,8 @@ def chain(gpt2_file, tmp_path_factory):
     out = {s: str(root / s) for s in ("sft", "rm", "ppo", "rrhf", "dpo", "grpo", "hf")}
     run = lambda script, *flags: run_script(script, *flags, env=env).stdout
     common = ["--data", data, "--seed", "0", "--max-steps", "1", "--batch-size", "2"]
-    run("train_sft.py", "--init", folder, "--tokenizer", gpt2_file, *common, "--out", out["sft"])
+    run("train_sft.py", "--init", folder, "--tokenizer", gpt2_file, *common, "--max-new-tokens", "6",
+        "--out", out["sft"])
     run("train_rm.py", "--init", out["sft"], *common, "--eval-prompts", "2", "--max-new-tokens", "6",
         "--out", out["rm"])
     rl = ["--init", out["sft"], "--reward-model", out["rm"], *common, "--max-new-tokens", "6"]
