@@ -6,10 +6,10 @@ on the response tokens only, EOS included: the prompt is given, not something th
 to write, and the EOS token is how it learns to stop.
 
 Deviations from InstructGPT: no pretraining here by default (a tiny GPT learns the built-in task from
-scratch, in part, in about six minutes on 2 CPU cores); `--init gpt2` (or a folder with GPT-2
+scratch, in part, in about ten minutes on 2 CPU cores); `--init gpt2` (or a folder with GPT-2
 weights) starts from GPT-2.
 
-    python train_sft.py                                      # built-in task, CPU, ~6 minutes
+    python train_sft.py                                      # built-in task, CPU, ~10 minutes
     python train_sft.py --init gpt2 --tokenizer gpt2 --data sft.jsonl --device cuda   # one GPU
     torchrun --standalone --nproc_per_node 8 train_sft.py --init gpt2 ...   # 8 GPUs (see minirlhf/dist.py)
 
@@ -60,7 +60,7 @@ class Args:
     grad_clip: float = arg(1.0, "clip the gradient norm to this", positive)
     batch_size: int = arg(32, "sequences per step", positive)
     # schedule and evaluation
-    max_steps: int = arg(2400, "optimisation steps", positive)
+    max_steps: int = arg(4800, "optimisation steps", positive)
     eval_interval: int = arg(200, "held-out loss every this many steps", positive)
     eval_prompts: int = arg(300, "held-out prompts for the final evaluation (0: none)", nonnegative)
     max_new_tokens: int = arg(64, "response length limit when sampling", positive)
@@ -72,7 +72,7 @@ class Args:
     n_head: int = arg(8, "attention heads", positive)
     n_embd: int = arg(128, "width", positive)
     block_size: int = arg(128, "context length (prompt + response)", positive)
-    n_demos: int = arg(80000, "built-in task: demonstrations the simulated annotators write", positive)
+    n_demos: int = arg(160000, "built-in task: demonstrations the simulated annotators write", positive)
 
 
 def sft_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
