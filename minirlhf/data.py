@@ -336,41 +336,44 @@ def truncate_prompt(ids: list[int], max_len: int) -> tuple[list[int], bool]:
     return list(ids[-max_len:]), len(ids) > max_len
 
 
-def sft_batch(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int,
-              block_size: int, tool=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """Right-padded prompt + response rows for teacher forcing: -> tokens (B, T), attention_mask (B, T),
-    loss_mask (B, T), n_truncated.
+def _sft_row(p: list[int], full_r: list[int], block_size: int) -> tuple[list[int], list[int], bool]:
+    """One demonstration cut to at most block_size + 1 tokens -> (prompt, response, cut): the prompt loses
+    its start; a response longer than block_size keeps its first block_size tokens (and loses its EOS)
+    behind a single prompt token, which predicts r[0]."""
+    r = list(full_r[:block_size])
+    p, cut = truncate_prompt(p, block_size + 1 - len(r))
+    return p, r, cut or len(r) < len(full_r)
 
-    Each row is prompt + response, at most block_size + 1 tokens, because the model reads
+
+def sft_batch(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int,
+              block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Right-padded prompt + response rows for teacher forcing: -> tokens (B, T), attention_mask (B, T),
+    loss_mask (B, T), n_truncated. The plain layout, and the reference that `packed_sft_batch` (what
+    train_sft.py trains on) must reproduce.
+
+    Each row is prompt + response, at most block_size + 1 tokens (`_sft_row`), because the model reads
     tokens[:, :-1] (at most block_size) and predicts tokens[:, 1:]:
 
         logits = model(tokens[:, :-1], attention_mask[:, :-1])
         loss = sft_loss(logits, tokens[:, 1:], loss_mask[:, 1:])
 
-    loss_mask is 1 on response tokens (EOS included), so only the response is trained, and 0 on the output
-    of `tool` (if given: see `tool_mask`), which the policy never writes when it samples. A row that is too
-    long loses the start of its prompt; a response longer than block_size keeps its first block_size
-    tokens (and loses its EOS) behind a single prompt token. n_truncated counts the rows cut either way.
-    Padding sits on the right, after every real token, so causal attention never reads it.
+    loss_mask is 1 on response tokens (EOS included), so only the response is trained. n_truncated
+    counts the rows cut. Padding sits on the right, after every real token, so causal attention never
+    reads it.
     """
     assert len(prompt_ids) == len(response_ids), "one response per prompt"
-    rows, n_truncated = [], 0
-    for p, full_r in zip(prompt_ids, response_ids):
-        r = list(full_r[:block_size])  # leaves room for at least one prompt token to predict r[0] from
-        p, cut = truncate_prompt(p, block_size + 1 - len(r))
-        n_truncated += cut or len(r) < len(full_r)
-        rows.append((p, r))
-    T = max(len(p) + len(r) for p, r in rows)
+    rows = [_sft_row(p, r, block_size) for p, r in zip(prompt_ids, response_ids)]
+    T = max(len(p) + len(r) for p, r, _ in rows)
     B = len(rows)
     tokens = torch.full((B, T), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((B, T), dtype=torch.long)
     loss_mask = torch.zeros((B, T), dtype=torch.long)
-    for b, (p, r) in enumerate(rows):
+    for b, (p, r, _) in enumerate(rows):
         n = len(p) + len(r)
         tokens[b, :n] = torch.tensor(p + r, dtype=torch.long)
         attention_mask[b, :n] = 1
-        loss_mask[b, len(p):n] = torch.tensor(tool_mask(r, tool) if tool else [1] * len(r))
-    return tokens, attention_mask, loss_mask, n_truncated
+        loss_mask[b, len(p):n] = 1
+    return tokens, attention_mask, loss_mask, sum(cut for _, _, cut in rows)
 
 
 def packed_sft_batch(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int,
@@ -394,17 +397,17 @@ def packed_sft_batch(prompt_ids: list[list[int]], response_ids: list[list[int]],
     computed once per demonstration by the caller); None: every response token is the policy's.
     """
     assert len(prompt_ids) == len(response_ids), "one response per prompt"
-    rows, row = [], []
+    rows, row, used = [], [], 0
     for d, (p, full_r) in enumerate(zip(prompt_ids, response_ids)):
-        r = list(full_r[:block_size])
-        p, _ = truncate_prompt(p, block_size + 1 - len(r))
+        p, r, _ = _sft_row(p, full_r, block_size)
         seq = p + r
         m = response_masks[d][:len(r)] if response_masks else [1] * len(r)
         doc = (seq[:-1], seq[1:], [0] * (len(p) - 1) + list(m), [d] * (len(seq) - 1))
-        if sum(len(x[0]) for x in row) + len(doc[0]) > block_size:
+        if used + len(seq) - 1 > block_size:
             rows.append(row)
-            row = []
+            row, used = [], 0
         row.append(doc)
+        used += len(seq) - 1
     rows.append(row)
     out = [torch.full((len(rows), block_size), fill, dtype=torch.long) for fill in (pad_id, pad_id, 0, -1)]
     for b, docs in enumerate(rows):

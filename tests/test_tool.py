@@ -14,7 +14,7 @@ Checked:
 - every policy loss (SFT, RRHF, DPO, GRPO, PPO): the gradient with respect to the logits that score a
   tool token (or any mask-0 token) is exactly 0, float64, with holed masks;
 - the wiring: `data.tool_mask` finds generate's own response mask again from the ids alone; masks
-  built from text (join_prompt_response, sft_batch, DPO's batches) are 0 on the calculator's result and
+  built from text (join_prompt_response, packed_sft_batch, DPO's batches) are 0 on the calculator's result and
   only there, both tokenizers; `sample_responses` and `evaluate` return and grade the text with the
   tool's output in it; the tool and probe rates of `gold_metrics` on hand-made replies; chat's brackets.
 GAE and the per-token rewards with holed masks are in test_ppo_loss.py.
@@ -31,7 +31,7 @@ import torch
 
 from conftest import SHARED_DATA
 from minirlhf import task
-from minirlhf.data import join_prompt_response, left_pad, sft_batch, tool_mask
+from minirlhf.data import join_prompt_response, left_pad, packed_sft_batch, tool_mask
 from minirlhf.evaluate import evaluate, gold_metrics
 from minirlhf.fast_decode import StaticDecoder, generate_static
 from minirlhf.model import GPT, GPTConfig, generate
@@ -393,8 +393,8 @@ def test_masks_from_text_exclude_the_tools_result_and_only_it(enc):
     assert mask[1, P:P + len(typed)].tolist() == [1] * len(typed)
     assert attn[:, P:].sum() == len(answered) + len(typed)          # the tool's tokens are still read
     assert join_prompt_response([prompt], [answered], pad)[2].sum() == len(answered)  # no tool: all 1
-    _, _, loss_mask, _ = sft_batch([prompt], [answered], pad, 96, tool)
-    assert loss_mask[0, P:P + len(answered)].tolist() == own        # SFT trains on the same tokens
+    _, _, loss_mask, _ = packed_sft_batch([prompt], [answered], pad, 96, [tool_mask(answered, tool)])
+    assert loss_mask[0, P - 1:P - 1 + len(answered)].tolist() == own  # SFT trains on the same tokens
     groups = [Comparisons(prompt, [answered, typed], [(0, 1)])]
     assert torch.equal(dpo_batch(groups, pad, tool)[2], mask)        # DPO's rows: the same masks
 
