@@ -1,6 +1,6 @@
 """Benchmark: how fast minirlhf samples and trains, and what each RLHF method's step costs, in one report.
 
-    python bench.py                  # CPU: the task's model (4 layers, 4 heads, 128 wide, vocab 257)
+    python bench.py                  # CPU: the task's model (4 layers, 4 heads, 128 wide, vocab 259)
     python bench.py --device cuda    # GPU: GPT-2 124M (12 layers, 12 heads, 768 wide, vocab 50257)
     python bench.py --quick          # a tiny model and sizes, seconds: the smoke test runs this
 
@@ -91,7 +91,7 @@ class Args:
     method_prompt_len: int = arg(0, "methods: prompt tokens (0 = 48 on the CPU, 64 on a GPU)")
     method_new_tokens: int = arg(0, "methods: response tokens (0: 48 on the CPU, 256 on a GPU)")
     steps: int = arg(0, "methods: steps each script runs, the first a warm-up (0 = 3 with --quick, else 4)")
-    tokenizer: str = arg("", "methods: '' = bytes for vocab 257, gpt2 for 50257; or a gpt2.tiktoken path")
+    tokenizer: str = arg("", "methods: '' = bytes for vocab 259, gpt2 for 50257; or a gpt2.tiktoken path")
     seed: int = arg(1337, "random seed")
 
 
@@ -102,11 +102,11 @@ class Args:
 def model_config(args, device, block_size):
     """The model every section uses, with a block size that fits the section's sequences."""
     if args.quick:
-        return GPTConfig(block_size=block_size, vocab_size=257, n_layer=2, n_head=2, n_embd=64)
+        return GPTConfig(block_size=block_size, vocab_size=259, n_layer=2, n_head=2, n_embd=64)
     if device == "cuda":  # GPT-2 124M
         return GPTConfig(block_size=max(block_size, 1024), vocab_size=50257, n_layer=12, n_head=12,
                          n_embd=768)
-    return GPTConfig(block_size=block_size, vocab_size=257, n_layer=4, n_head=4, n_embd=128)  # train_sft's
+    return GPTConfig(block_size=block_size, vocab_size=259, n_layer=4, n_head=4, n_embd=128)  # train_sft's
 
 
 def sync(device):
@@ -365,7 +365,7 @@ def bench_methods(args, device, imported_mb):
     P, N = method_sizes(args, device)
     S = args.steps or (3 if args.quick else 4)
     cfg = model_config(args, device, P + N)
-    enc = get_encoding(args.tokenizer or ("bytes" if cfg.vocab_size == 257 else "gpt2"))
+    enc = get_encoding(args.tokenizer or ("bytes" if cfg.vocab_size == 259 else "gpt2"))
     assert enc.n_vocab == cfg.vocab_size, f"{enc.name} has {enc.n_vocab} ids, the model {cfg.vocab_size}"
     torch.manual_seed(args.seed)
     lm, rm = GPT(cfg), ScalarHead(GPT(cfg))  # a reference is the size of the policy, a critic of the RM

@@ -17,7 +17,8 @@ Writes, for a language model (kind "lm": the SFT, PPO, RRHF, DPO and GRPO checkp
                       the ids tiktoken gives, and `--init OUT` reads the tokenizer back with no flag
 
 The "bytes" tokenizer gets no tokenizer files: transformers has no tokenizer that is one token per UTF-8
-byte with EOS at 256 (the ids are `list(text.encode("utf-8"))`); the script says so.
+byte with EOS at 256 and the two role markers at 257 and 258 (the ids of text are
+`list(text.encode("utf-8"))`); the script says so.
 
 A reward model (kind "scalar") is refused: its score is Linear(n_embd, 1) with a bias, read at the last
 response token, which no transformers GPT-2 class computes (GPT2ForSequenceClassification's head has no
@@ -37,7 +38,7 @@ import torch
 
 from minirlhf.checkpoint import CheckpointError, build_model, ckpt_path, load_checkpoint
 from minirlhf.model import GPT2_CONV1D, GPT, GPTConfig
-from minirlhf.tokenizer import EOS, eos_id, hf_vocab_and_merges, load_tokenizer, ranks_of
+from minirlhf.tokenizer import EOS, ROLES, eos_id, hf_vocab_and_merges, load_tokenizer, ranks_of
 
 SAFETENSORS_CODES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
                      torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
@@ -129,8 +130,9 @@ def export(path: str, out: str) -> tuple[list[str], str]:
     write_safetensors(files[1], hf_state_dict(model), {"format": "pt"})  # transformers reads "format"
     if enc.name != "gpt2":
         return files, (f"tokenizer {enc.name!r}: no tokenizer files written (transformers has no tokenizer "
-                       "that is one token per UTF-8 byte; the ids are list(text.encode('utf-8')), EOS is "
-                       f"{eos_id(enc)})")
+                       "that is one token per UTF-8 byte; the ids of text are list(text.encode('utf-8')), "
+                       f"EOS is {eos_id(enc)}, the role markers "
+                       + " and ".join(f"{r!r} {enc.encode_single_token(r)}" for r in ROLES) + ")")
     vocab, merges = hf_vocab_and_merges(ranks_of(enc))
     tokenizer_config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": model.config.block_size,
                         "bos_token": EOS, "eos_token": EOS, "unk_token": EOS, "add_prefix_space": False}

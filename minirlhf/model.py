@@ -32,7 +32,7 @@ import torch.nn.functional as F
 @dataclass
 class GPTConfig:
     block_size: int = 128      # the longest sequence (prompt + response) the model can see
-    vocab_size: int = 257      # 257 = 256 bytes + EOS ("bytes" encoding); GPT-2: 50257
+    vocab_size: int = 259      # 259 = 256 bytes + EOS + 2 role tokens ("bytes" encoding); GPT-2: 50257
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128

@@ -2,8 +2,9 @@
 
 Every encoding is a `tiktoken.Encoding`:
 
-- "bytes": one token per byte (ids 0..255) plus the special tokens. It needs no download, has a
-  vocabulary of 257, and is the default for the built-in task: a tiny model learns it in minutes.
+- "bytes": one token per byte (ids 0..255) plus three special tokens: EOS (256) and the chat
+  template's two role markers, "\\n\\nHuman:" (257) and "\\n\\nAssistant:" (258). It needs no download,
+  has a vocabulary of 259, and is the default for the built-in task: a tiny model learns it in minutes.
 - "gpt2": GPT-2's byte-pair encoding (50,257 tokens). `tiktoken.get_encoding("gpt2")` downloads the
   ranks once; offline, pass the path of a local `.tiktoken` file instead (`get_encoding("gpt2", path)`,
   or a path ending in `.tiktoken` as the name), or a Hugging Face GPT-2 folder with `vocab.json` and
@@ -21,17 +22,29 @@ The chat template is Anthropic HH-RLHF's, so that their data needs no conversion
 The response is encoded with its leading space and always ends with the EOS token, which the SFT loss
 trains and the reward model reads its score at. User text is encoded with `encode_ordinary`, so a
 literal "<|endoftext|>" inside a prompt is just text and can never end a sequence early.
+
+Role tokens. GPT-2's BPE writes each role marker in 2 or 3 tokens; one byte a token, they would be 21 of
+the ~68 tokens of a built-in task's demonstration, and the tiny model would spend a third of its compute
+on them. So the "bytes" encoding gives each marker one id, as chat models give their roles one token
+each, and `encode_prompt` writes them wherever the formatted prompt holds them (an HH-RLHF multi-turn
+prompt holds its earlier turns' markers too). The text stays the template's: `enc.decode` turns the ids
+back into it, so `format_prompt(p) + " " + response` is still the dialogue the ids encode. Only the
+template writes role tokens: a response is encoded as ordinary text, markers and all. The "gpt2" encoding
+has no role tokens (a pretrained GPT-2 knows the markers as text) and encodes the template as text.
 """
 
 import base64
 import binascii
 import json
 import os
+import re
 
 import tiktoken
 
 EOS = "<|endoftext|>"
 PROMPT_TEMPLATE = "\n\nHuman: {prompt}\n\nAssistant:"
+ROLES = ("\n\nHuman:", "\n\nAssistant:")  # the template's role markers: one token each in "bytes"
+ROLE_RE = re.compile("(" + "|".join(map(re.escape, ROLES)) + ")")
 # GPT-2's pre-tokenisation regex (splits text into words, numbers, punctuation and spaces before BPE).
 GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 GPT2_EOS_ID = 50256
@@ -45,7 +58,8 @@ class TokenizerError(ValueError):
 def bytes_encoding() -> tiktoken.Encoding:
     # With only single-byte ranks there is nothing to merge: BPE leaves every byte as its own token.
     ranks = {bytes([i]): i for i in range(256)}
-    return tiktoken.Encoding(name="bytes", pat_str=GPT2_PAT, mergeable_ranks=ranks, special_tokens={EOS: 256})
+    special = {EOS: 256, **{role: 257 + i for i, role in enumerate(ROLES)}}
+    return tiktoken.Encoding(name="bytes", pat_str=GPT2_PAT, mergeable_ranks=ranks, special_tokens=special)
 
 
 def gpt2_encoding(path: str | None = None) -> tiktoken.Encoding:
@@ -152,6 +166,11 @@ def load_tokenizer(ck: dict) -> tiktoken.Encoding:
     "gpt2" is tiktoken's cache or a download.
     """
     name, ranks = ck["tokenizer"], ck.get("tokenizer_ranks")
+    vocab = ck.get("config", {}).get("vocab_size")
+    if name == "bytes" and vocab is not None and vocab < bytes_encoding().n_vocab:
+        raise TokenizerError(f"the checkpoint's model has {vocab} token ids, and the 'bytes' encoding now "
+                             f"has {bytes_encoding().n_vocab} (its role tokens came after the checkpoint "
+                             "was written): retrain it with train_sft.py")
     if ranks is None:
         try:
             return get_encoding(name)
@@ -276,7 +295,13 @@ def format_prompt(prompt: str) -> str:
 
 
 def encode_prompt(enc: tiktoken.Encoding, prompt: str) -> list[int]:
-    return enc.encode_ordinary(format_prompt(prompt))
+    """The formatted prompt's ids: its role markers as role tokens where `enc` has them, the rest as text."""
+    text = format_prompt(prompt)
+    if not set(ROLES) <= enc.special_tokens_set:
+        return enc.encode_ordinary(text)
+    pieces = ROLE_RE.split(text)  # text, marker, text, marker, ...: the markers at the odd places
+    return [t for i, piece in enumerate(pieces)
+            for t in ([enc.encode_single_token(piece)] if i % 2 else enc.encode_ordinary(piece))]
 
 
 def encode_response(enc: tiktoken.Encoding, response: str) -> list[int]:

@@ -122,7 +122,7 @@ def test_ranked_pairs_and_comparisons():
 
 def tiny_gpt(seed=0):
     torch.manual_seed(seed)
-    return GPT(GPTConfig(block_size=64, vocab_size=257, n_layer=1, n_head=2, n_embd=32)).eval()
+    return GPT(GPTConfig(block_size=64, vocab_size=259, n_layer=1, n_head=2, n_embd=32)).eval()
 
 
 def random_group(prompt_len, response_lens, seed):

@@ -36,8 +36,8 @@ PROMPTS = ["What is 2 + 3?", "Spell 'cat' backwards.", "Say 'ox' 3 times."]
 
 def tiny_models(seed=0):
     torch.manual_seed(seed)
-    policy = GPT(GPTConfig(block_size=64, vocab_size=257, n_layer=1, n_head=2, n_embd=32))
-    rm = ScalarHead(GPT(GPTConfig(block_size=64, vocab_size=257, n_layer=1, n_head=2, n_embd=32))).eval()
+    policy = GPT(GPTConfig(block_size=64, vocab_size=259, n_layer=1, n_head=2, n_embd=32))
+    rm = ScalarHead(GPT(GPTConfig(block_size=64, vocab_size=259, n_layer=1, n_head=2, n_embd=32))).eval()
     return policy, copy.deepcopy(policy).eval(), [RewardModel(rm, 1.0, 0.0, 1.0, "rm", "bytes")]
 
 

@@ -118,7 +118,7 @@ def test_missing_ranks_file_is_a_clear_error(tmp_path, offline):
     with pytest.raises(TokenizerError, match="carries no ranks.*could not download"):
         load_tokenizer(ck)
     # the bytes tokenizer needs nothing
-    assert load_tokenizer({"tokenizer": "bytes"}).n_vocab == 257
+    assert load_tokenizer({"tokenizer": "bytes"}).n_vocab == 259
 
 
 # ---- Hugging Face's vocab.json + merges.txt from tiktoken's ranks -----------------------------------
@@ -172,13 +172,13 @@ def test_transformers_tokenizes_the_export_like_tiktoken(chain, gpt2_file):
 # ---- export --------------------------------------------------------------------------------------
 
 def test_export_reads_back_with_identical_logits(tmp_path):
-    model = tiny_gpt(257, block_size=48)
+    model = tiny_gpt(259, block_size=48)
     save_checkpoint(str(tmp_path / "ck"), model, "bytes", {}, 0)
     files, note = export(str(tmp_path / "ck"), str(tmp_path / "hf"))
     assert sorted(os.path.basename(f) for f in files) == ["config.json", "model.safetensors"]
     assert "no tokenizer files" in note
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
-    assert config["n_positions"] == config["n_ctx"] == 48 and config["vocab_size"] == 257
+    assert config["n_positions"] == config["n_ctx"] == 48 and config["vocab_size"] == 259
     assert config["architectures"] == ["GPT2LMHeadModel"] and config["eos_token_id"] == 256
     sd = read_safetensors(str(tmp_path / "hf" / "model.safetensors"))
     assert "lm_head.weight" not in sd and sd["transformer.h.0.mlp.c_fc.weight"].shape == (32, 128)  # Conv1D
@@ -187,14 +187,14 @@ def test_export_reads_back_with_identical_logits(tmp_path):
 
 
 def test_export_refuses_a_reward_model(tmp_path):
-    save_checkpoint(str(tmp_path / "rm"), ScalarHead(tiny_gpt(257)), "bytes", {}, 0)
+    save_checkpoint(str(tmp_path / "rm"), ScalarHead(tiny_gpt(259)), "bytes", {}, 0)
     with pytest.raises(CheckpointError, match="a reward model .* has no GPT2LMHeadModel form"):
         export(str(tmp_path / "rm"), str(tmp_path / "hf"))
 
 
 def test_transformers_loads_the_export_with_the_same_logits(tmp_path):
     transformers = pytest.importorskip("transformers")
-    model = tiny_gpt(257, seed=3)
+    model = tiny_gpt(259, seed=3)
     with torch.no_grad():  # move every weight off its initial value (zero biases, unit LayerNorms)
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -202,7 +202,7 @@ def test_transformers_loads_the_export_with_the_same_logits(tmp_path):
     export(str(tmp_path / "ck"), str(tmp_path / "hf"))
     hf, info = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "hf"), output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-    idx = torch.randint(0, 257, (2, 20), generator=torch.Generator().manual_seed(1))
+    idx = torch.randint(0, 259, (2, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert (hf.eval()(idx).logits - model(idx)).abs().max().item() < 1e-4
 

@@ -30,8 +30,8 @@ from train_ppo import critic_forward, policy_forward, ppo_policy_stats, rollout
 
 def tiny_models(seed=0):
     torch.manual_seed(seed)
-    policy = GPT(GPTConfig(block_size=64, vocab_size=257, n_layer=1, n_head=2, n_embd=32))
-    rm = ScalarHead(GPT(GPTConfig(block_size=64, vocab_size=257, n_layer=1, n_head=2, n_embd=32))).eval()
+    policy = GPT(GPTConfig(block_size=64, vocab_size=259, n_layer=1, n_head=2, n_embd=32))
+    rm = ScalarHead(GPT(GPTConfig(block_size=64, vocab_size=259, n_layer=1, n_head=2, n_embd=32))).eval()
     rms = [RewardModel(rm, 1.0, 0.0, 1.0, "rm", "bytes")]
     return policy, copy.deepcopy(policy).eval(), copy.deepcopy(rm), rms
 

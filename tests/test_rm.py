@@ -41,7 +41,7 @@ def group(prompt_len, response_lens, seed):
 
 def test_score_does_not_depend_on_padding_or_batch():
     torch.manual_seed(0)
-    rm = ScalarHead(GPT(GPTConfig(block_size=64, vocab_size=257, n_layer=2, n_head=2, n_embd=32))).eval()
+    rm = ScalarHead(GPT(GPTConfig(block_size=64, vocab_size=259, n_layer=2, n_head=2, n_embd=32))).eval()
     target = group(5, [3], seed=1)
     # longer prompts and responses, K < 3
     neighbours = [group(17, [9, 2, 14], seed=2), group(2, [20], seed=3)]

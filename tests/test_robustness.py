@@ -44,7 +44,7 @@ from minirlhf.checkpoint import load_checkpoint, save_checkpoint
 from minirlhf.model import GPT, GPTConfig, ScalarHead
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CFG = dict(vocab_size=257, n_layer=1, n_head=2, n_embd=32)
+CFG = dict(vocab_size=259, n_layer=1, n_head=2, n_embd=32)
 # Tiny runs of each stage: a few steps of 1-layer, 32-wide models, a context of 64 tokens.
 SFT_TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "64", "--n-demos", "64",
             "--eval-prompts", "4", "--max-new-tokens", "8", "--batch-size", "4", "--eval-interval", "2"]
