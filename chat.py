@@ -36,7 +36,7 @@ class Args:
     samples: int = arg(1, "answers per checkpoint and prompt", positive)
     temperature: float = arg(1.0, "sampling temperature", positive)
     greedy: bool = arg(False, "the most likely answer instead of a sample (--temperature is then unused)")
-    max_new_tokens: int = arg(64, "answer length limit in tokens; must leave room for a prompt in the "
+    max_new_tokens: int = arg(88, "answer length limit in tokens; must leave room for a prompt in the "
                               "checkpoint's context", positive)
     seed: int = arg(0, "random seed of the sampler")
 

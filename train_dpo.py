@@ -118,7 +118,7 @@ class Args:
                              positive)
     eval_prompts: int = arg(300, "held-out prompts for the final evaluation, and comparisons (0: none)",
                             nonnegative)
-    max_new_tokens: int = arg(64, "response length limit when sampling; comparisons' responses are cut to it",
+    max_new_tokens: int = arg(88, "response length limit when sampling; comparisons' responses are cut to it",
                               positive)
     tool: bool = arg(True, "sample with the calculator of minirlhf/task.py, train on the policy's own tokens "
                      "only (--no-tool: without it)")

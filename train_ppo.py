@@ -81,7 +81,7 @@ class Args:
     max_steps: int = arg(60, "PPO iterations (rollout + update)", positive)
     eval_interval: int = arg(20, "print decoded samples every this many iterations", positive)
     eval_prompts: int = arg(300, "held-out prompts for the final evaluation (0: none)", nonnegative)
-    max_new_tokens: int = arg(64, "response length limit", positive)
+    max_new_tokens: int = arg(88, "response length limit", positive)
     tool: bool = arg(True, "sample with the calculator of minirlhf/task.py, train on the policy's own tokens "
                      "only (--no-tool: without it)")
     # PPO

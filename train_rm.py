@@ -95,7 +95,7 @@ class Args:
     max_steps: int = arg(64, "optimisation steps (64 x 16 prompts: one epoch of the default 1024)", positive)
     eval_interval: int = arg(32, "held-out accuracy every this many steps", positive)
     eval_prompts: int = arg(300, "held-out prompts (built-in task) or validation records (--data)", positive)
-    max_new_tokens: int = arg(64, "response length limit when sampling", positive)
+    max_new_tokens: int = arg(88, "response length limit when sampling", positive)
     tool: bool = arg(True, "sample the candidates with the calculator of minirlhf/task.py (--no-tool: "
                      "without it); the reward model reads its output")
     # the reward model: the comparisons (built-in task)

@@ -104,7 +104,7 @@ class Args:
     max_steps: int = arg(120, "optimisation steps, split evenly over the rounds", positive)
     eval_interval: int = arg(40, "sample the policy on held-out prompts every this many steps", positive)
     eval_prompts: int = arg(300, "held-out prompts for the final evaluation (0: none)", nonnegative)
-    max_new_tokens: int = arg(64, "response length limit when sampling", positive)
+    max_new_tokens: int = arg(88, "response length limit when sampling", positive)
     tool: bool = arg(True, "sample with the calculator of minirlhf/task.py, train on the policy's own tokens "
                      "only (--no-tool: without it)")
     monitor_prompts: int = arg(64, "built-in task: held-out prompts for the interval evaluations", positive)

@@ -239,7 +239,7 @@ class Args:
     n_prompts: int = arg(300, "prompts to evaluate on, from the start of the list (the built-in task holds "
                          "350 held-out ones, shuffled: the first 300 hold every kind)", positive)
     samples_per_prompt: int = arg(2, "samples per prompt", positive)
-    max_new_tokens: int = arg(64, "response length limit in tokens", positive)
+    max_new_tokens: int = arg(88, "response length limit in tokens", positive)
     temperature: float = arg(1.0, "sampling temperature (the KL is taken at the same one)", positive)
     seed: int = arg(0, "sampling seed: the same seed gives the same numbers")
     best_of_n: int = arg(0, "evaluate best-of-n sampling with the reward model instead (0: off)", nonnegative)
