@@ -513,9 +513,9 @@ RESUME_CASES = {
     # 8 prompts in batches of 3: the epoch under way at the kill (its order) must carry over
     "train_rm.py": (lambda c: [*RM_TINY, "--init", c["sft"]], 3,
                     lambda ck: ck["step"] == 3 and len(ck["extra"]["order"]) == 8 + 8 - 3 * 3),
-    # a short KL horizon, so the KL coefficient moves and must be restored
+    # the adaptive KL controller with a short horizon, so the KL coefficient moves and must be restored
     "train_ppo.py": (lambda c: [*PPO_TINY, "--init", c["sft"], "--reward-model", c["rm"],
-                                "--kl-horizon", "10"], 2,
+                                "--kl-coef", "0.05", "--kl-target", "4", "--kl-horizon", "10"], 2,
                      lambda ck: ck["step"] == 2 and ck["extra"]["kl_coef"] != 0.05
                      and {"critic", "policy_opt", "critic_opt", "generator",
                           "data_rng"} <= set(ck["extra"]["resume"])),
