@@ -23,8 +23,8 @@ The response is encoded with its leading space and always ends with the EOS toke
 trains and the reward model reads its score at. User text is encoded with `encode_ordinary`, so a
 literal "<|endoftext|>" inside a prompt is just text and can never end a sequence early.
 
-Role tokens. GPT-2's BPE writes each role marker in 2 or 3 tokens; one byte a token, they would be 21 of
-the ~68 tokens of a built-in task's demonstration, and the tiny model would spend a third of its compute
+Role tokens. GPT-2's BPE writes each role marker in 4 tokens; one byte a token, they would be 21 of the
+~68 tokens of a built-in task's demonstration, and the tiny model would spend a third of its compute
 on them. So the "bytes" encoding gives each marker one id, as chat models give their roles one token
 each, and `encode_prompt` writes them wherever the formatted prompt holds them (an HH-RLHF multi-turn
 prompt holds its earlier turns' markers too). The text stays the template's: `enc.decode` turns the ids
