@@ -60,7 +60,7 @@ class Args:
     grad_clip: float = arg(1.0, "clip the gradient norm to this", positive)
     batch_size: int = arg(32, "sequences per step", positive)
     # schedule and evaluation
-    max_steps: int = arg(4800, "optimisation steps", positive)
+    max_steps: int = arg(7200, "optimisation steps", positive)
     eval_interval: int = arg(200, "held-out loss every this many steps", positive)
     eval_prompts: int = arg(300, "held-out prompts for the final evaluation (0: none)", nonnegative)
     max_new_tokens: int = arg(88, "response length limit when sampling", positive)
@@ -72,7 +72,7 @@ class Args:
     n_head: int = arg(8, "attention heads", positive)
     n_embd: int = arg(128, "width", positive)
     block_size: int = arg(128, "context length (prompt + response)", positive)
-    n_demos: int = arg(160000, "built-in task: demonstrations the simulated annotators write", positive)
+    n_demos: int = arg(240000, "built-in task: demonstrations the simulated annotators write", positive)
 
 
 def sft_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
