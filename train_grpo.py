@@ -28,7 +28,8 @@ Deviations from the paper, all common practice:
   and response; the paper uses the generation budget.
 - The default is one pass over each rollout (`--ppo-epochs 1`) in two minibatches of whole groups: the
   first minibatch is on-policy (ratio exactly 1, the clip idle), the second already slightly off.
-  Sized for a CPU: 45 steps of 4 prompts x G = 8, 1,440 sampled responses (PPO's default samples 3,840).
+  Sized for a CPU: 135 steps of 4 prompts x G = 8, 4,320 sampled responses (PPO's default samples 3,840);
+  with 45, GRPO with the verifier had seen too few hard questions (about 26) to learn the calculator.
 
 Logged every step (metrics.jsonl; printed): `loss`, and from `grpo_stats` `pg_loss`, `kl` (k3 to the
 reference, per token), `approx_kl` (k3 between the rollout policy and the updated one; `first_approx_kl`,
@@ -98,7 +99,7 @@ class Args:
     grad_clip: float = arg(1.0, "clip the gradient norm to this", positive)
     batch_size: int = arg(4, "prompts per step, each with G responses (batch_size * G sequences)", positive)
     # schedule and evaluation
-    max_steps: int = arg(45, "GRPO iterations (rollout + update)", positive)
+    max_steps: int = arg(135, "GRPO iterations (rollout + update)", positive)
     eval_interval: int = arg(15, "sample the policy on held-out prompts every this many steps", positive)
     eval_prompts: int = arg(300, "held-out prompts for the final evaluation (0: none)", nonnegative)
     max_new_tokens: int = arg(88, "response length limit when sampling", positive)
