@@ -20,7 +20,11 @@ elements makes the reward model overfit within an epoch.
 Deviations from InstructGPT:
 - The reward model is the policy's own size (theirs: 6B reward models for policies up to 175B).
 - A small comparison set: by default 1,024 training prompts with K = 4 (theirs: about 33k prompts with
-  K from 4 to 9), seen once (64 steps of 16 prompts), which fits the CPU budget of the whole pipeline.
+  K from 4 to 9), which fits the CPU budget of the whole pipeline, and seen three times (192 steps of
+  16 prompts; InstructGPT trained one epoch on many more). On so few comparisons one pass left the
+  model preferring "I don't know" to a right calculator call on 0.88 of the held-out hard questions,
+  which taught PPO to abstain; after three passes it prefers the call on 0.92, and its held-out
+  accuracy against the labels is highest (0.656, 0.682, 0.674 after 1, 3 and 5 passes: README).
 - Repeated samples: K draws from a small model often repeat a response word for word. The labeler sees
   each distinct response once; a repeat is an absent candidate (rank -1), since an identical pair
   carries no preference (the rule data.py applies to pairwise files).
@@ -92,7 +96,8 @@ class Args:
     grad_clip: float = arg(1.0, "clip the gradient norm to this", positive)
     batch_size: int = arg(16, "prompts per step, each with all its K candidates (B*K sequences)", positive)
     # schedule and evaluation
-    max_steps: int = arg(64, "optimisation steps (64 x 16 prompts: one epoch of the default 1024)", positive)
+    max_steps: int = arg(192, "optimisation steps (192 x 16 prompts: three epochs of the default 1024)",
+                         positive)
     eval_interval: int = arg(32, "held-out accuracy every this many steps", positive)
     eval_prompts: int = arg(300, "held-out prompts (built-in task) or validation records (--data)", positive)
     max_new_tokens: int = arg(88, "response length limit when sampling", positive)
