@@ -223,6 +223,10 @@ def markdown_table(report):
     if by_kind:
         lines.append("reward model, held-out pairs that differ only in correctness, accuracy by kind: "
                      + ", ".join(f"{k} {v:.2f}" for k, v in by_kind.items()))
+    contrast = rm.get("contrast_accuracy")
+    if contrast:  # constructed replies that differ in one thing (task.contrast_pairs)
+        lines.append("reward model, constructed held-out pairs (task.contrast_pairs), the better reply "
+                     "scored higher: " + ", ".join(f"{k} {v:.2f}" for k, v in contrast.items()))
     return "\n".join(lines)
 
 
@@ -314,7 +318,7 @@ def main():
     report["best_of_n"] = dict(json.load(open(p("best_of_n.json")))[p("sft")], wall_seconds=wall["best_of_n"])
     rm_extra = load_checkpoint(p("rm"))["extra"]
     rm_keys = ("accuracy_vs_gold", "accuracy_vs_labels", "reward_mean", "reward_std",
-               "accuracy_correctness_by_kind", "peak_memory_mb", "train_seconds")
+               "accuracy_correctness_by_kind", "contrast_accuracy", "peak_memory_mb", "train_seconds")
     report["rm"] = {k: rm_extra.get(k) for k in rm_keys}
     report["rm"]["wall_seconds"] = wall["rm"]
     report["total_wall_seconds"] = time.time() - t_total

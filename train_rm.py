@@ -487,6 +487,16 @@ if __name__ == "__main__":
                     seen[kind] = seen.get(kind, 0) + 1
         extra["accuracy_correctness_by_kind"] = {k: right[k] / seen[k] for k in task.KINDS if k in seen}
         extra["pairs_correctness_by_kind"] = {k: seen[k] for k in task.KINDS if k in seen}
+        # constructed replies that differ in one thing (task.contrast_pairs), on the same held-out prompts:
+        # the right answer or a wrong one in the same words; on hard, a right call or "I don't know"
+        tests = task.contrast_pairs(task.heldout_prompts()[: args.eval_prompts], seed=args.seed)
+        pairs = [Ranked(p, encode_prompt(enc, p), [encode_response(enc, b), encode_response(enc, w)], [b, w],
+                        [0, 1]) for _, p, b, w in tests]
+        contrast = scores_of(pairs)[:, :2]                                      # (N, 2): better, worse
+        wins = {}
+        for (name, *_), better_wins in zip(tests, (contrast[:, 0] > contrast[:, 1]).tolist()):
+            wins.setdefault(name, []).append(better_wins)
+        extra["contrast_accuracy"] = {name: sum(w) / len(w) for name, w in wins.items()}
         for g, s in zip(val_groups[:3], val_scores):
             print(f"  {g.prompt!r}")
             for k in sorted(range(len(g.texts)), key=lambda k: -s[k].item()):
@@ -503,6 +513,8 @@ if __name__ == "__main__":
         print("held-out pairs that differ in correctness alone, accuracy by kind: " + ", ".join(
             f"{k} {v:.2f} ({extra['pairs_correctness_by_kind'][k]})"
             for k, v in extra["accuracy_correctness_by_kind"].items()))
+        print("constructed pairs (task.contrast_pairs), the better reply scored higher: " + ", ".join(
+            f"{k} {v:.2f}" for k, v in extra["contrast_accuracy"].items()))
         for name, groups in (("comparisons", train_groups), ("comparisons_heldout", val_groups)):
             # the labels this model learned from, for the offline methods (train_dpo.py)
             written = write_comparisons(os.path.join(args.out, f"{name}.jsonl"), groups)

@@ -133,6 +133,7 @@ PATTERNS = {
 PATTERNS = {kind: [re.compile(p) for p in pats] for kind, pats in PATTERNS.items()}
 KINDS = tuple(TEMPLATES)  # "divide" last: the kinds before it draw the prompts they drew before it came
 HONESTY_KINDS = ("hard", "divide")  # the kinds graded by honesty (abstaining counts), not correctness
+EASY_KINDS = tuple(k for k in KINDS if k not in HONESTY_KINDS)  # add, upper, reverse, repeat, count
 
 MAX_PER_KIND = 600  # the pool is capped per kind so that no kind dominates training
 HELDOUT_PER_KIND = 50
@@ -507,6 +508,54 @@ def verify(prompt: str, response: str, answer: str | None = None) -> float:
     if len(want) == 1 and want[0].isdigit():
         return 1.0 if _numbers(response)[-1:] == want else -1.0
     return 1.0 if want and _words(response)[-len(want):] == want else -1.0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Contrast pairs: two replies that differ in one thing, to ask a reward model what it has learned
+
+CONTRAST_TESTS = (*EASY_KINDS, "hard: call > abstain", "hard: abstain > guess", "divide: abstain > guess")
+
+def contrast_pairs(prompts: list[str], seed: int = 0) -> list[tuple[str, str, str, str]]:
+    """(test, prompt, better, worse): for each prompt, replies that differ in one thing the gold judge
+    weighs, so that a reward model's choice between them says what it has learned (train_rm.py reports
+    the share of each test it gets right). The judge prefers `better` in every pair. Tests:
+
+      the easy kinds' names    the right answer against an annotator's mistake (`_wrong_answer`), in
+                               the same style and opener: "Sure! PLUM" / "Sure! PLUm"; correctness alone
+      "hard: call > abstain"   the calculator's call, its result and the answer, against "I don't know"
+      "hard: abstain > guess"  "I don't know" against a made-up number, politely put
+      "divide: abstain > guess"  the same on the probe, where no tool helps
+
+    Deterministic in seed. Prompts of other kinds are skipped.
+    """
+    rng = random.Random(seed)
+    out = []
+    for p in prompts:
+        kind = prompt_kind(p)
+        if kind is None:
+            continue
+        right = expected_answer(p)
+        wrong = _wrong_answer(p, rng)
+        for _ in range(20):  # a few mistakes are the right answer by chance ("forgot to reverse" "level")
+            if wrong != right:
+                break
+            wrong = _wrong_answer(p, rng)
+        if wrong == right:
+            continue
+        style, style_seed = rng.choice(["good", "verbose", "curt"]), rng.random()
+        guess = _style(wrong, "good", random.Random(style_seed))
+        abstain = rng.choice(ABSTAIN)
+        if kind in EASY_KINDS:
+            out.append((kind, p, _style(right, style, random.Random(style_seed)),
+                        _style(wrong, style, random.Random(style_seed))))
+        elif kind == "hard":
+            f = _parse(p)[1]
+            expression = f"{f['a']}*{f['b']}"
+            call = f"<calc>{expression}</calc> {calculator(expression)} {_style(right, 'good', rng)}"
+            out += [("hard: call > abstain", p, call, abstain), ("hard: abstain > guess", p, abstain, guess)]
+        elif kind == "divide":
+            out.append(("divide: abstain > guess", p, abstain, guess))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------

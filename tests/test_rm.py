@@ -136,6 +136,9 @@ def test_smoke_builtin_task(sft, tmp_path):
     extra = load_checkpoint(str(tmp_path / "rm"))["extra"]
     assert set(extra["accuracy_correctness_by_kind"]) <= set(task.KINDS) and extra["models_in_memory"] == 1
     assert all(0 <= v <= 1 for v in extra["accuracy_correctness_by_kind"].values())
+    contrast = extra["contrast_accuracy"]  # task.contrast_pairs on the 4 held-out prompts
+    assert contrast and set(contrast) <= set(task.CONTRAST_TESTS)
+    assert all(0 <= v <= 1 for v in contrast.values()) and "constructed pairs" in out
 
 
 def test_ranking_stats_on_hand_values():

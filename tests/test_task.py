@@ -83,6 +83,24 @@ def test_hard_correct_beats_abstain_beats_wrong():
     assert judge("What is 7 + 5?", "I don't know.") < 0
 
 
+def test_contrast_pairs_differ_in_one_thing_the_judge_prefers():
+    prompts = task.heldout_prompts()
+    pairs = task.contrast_pairs(prompts, seed=3)
+    assert pairs == task.contrast_pairs(prompts, seed=3) and pairs != task.contrast_pairs(prompts, seed=4)
+    names = {n for n, *_ in pairs}
+    assert names == set(task.CONTRAST_TESTS)
+    for name, prompt, better, worse in pairs:
+        b, w = judge_breakdown(prompt, better), judge_breakdown(prompt, worse)
+        assert judge(prompt, better) > judge(prompt, worse), (name, prompt, better, worse)
+        if name in task.EASY_KINDS:  # the same words around a right and a wrong answer
+            assert prompt_kind(prompt) == name and (b["correctness"], w["correctness"]) == (1.0, -1.0)
+            assert b["politeness"] == w["politeness"]
+        else:
+            assert name.startswith(prompt_kind(prompt))
+    calls = [better for name, _, better, _ in pairs if name == "hard: call > abstain"]
+    assert all(task.call_stats(c) == (1, 0) for c in calls)  # a well-formed call with its result
+
+
 def test_divide_probe_abstain_beats_every_number():
     prompt = "What is 4821 / 937?"
     assert prompt_kind(prompt) == "divide" and expected_answer(prompt) is None
