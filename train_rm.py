@@ -496,7 +496,7 @@ if __name__ == "__main__":
         wins = {}
         for (name, *_), better_wins in zip(tests, (contrast[:, 0] > contrast[:, 1]).tolist()):
             wins.setdefault(name, []).append(better_wins)
-        extra["contrast_accuracy"] = {name: sum(w) / len(w) for name, w in wins.items()}
+        extra["contrast_accuracy"] = {t: sum(w) / len(w) for t in task.CONTRAST_TESTS if (w := wins.get(t))}
         for g, s in zip(val_groups[:3], val_scores):
             print(f"  {g.prompt!r}")
             for k in sorted(range(len(g.texts)), key=lambda k: -s[k].item()):
