@@ -22,9 +22,10 @@ Deviations from InstructGPT:
 - A small comparison set: by default 1,024 training prompts with K = 4 (theirs: about 33k prompts with
   K from 4 to 9), which fits the CPU budget of the whole pipeline, and seen three times (192 steps of
   16 prompts; InstructGPT trained one epoch on many more). On so few comparisons one pass left the
-  model preferring "I don't know" to a right calculator call on 0.88 of the held-out hard questions,
-  which taught PPO to abstain; after three passes it prefers the call on 0.92, and its held-out
-  accuracy against the labels is highest (0.656, 0.682, 0.674 after 1, 3 and 5 passes: README).
+  model preferring "I don't know" to a right calculator call on 0.98 of the held-out hard questions
+  (`task.contrast_pairs`), which taught PPO to abstain; after three passes it prefers the call on 0.68,
+  and its held-out accuracy against the labels is highest (0.656, 0.682, 0.674 after 1, 3 and 5
+  passes: README, Results).
 - Repeated samples: K draws from a small model often repeat a response word for word. The labeler sees
   each distinct response once; a repeat is an absent candidate (rank -1), since an identical pair
   carries no preference (the rule data.py applies to pairwise files).

@@ -515,6 +515,7 @@ def verify(prompt: str, response: str, answer: str | None = None) -> float:
 
 CONTRAST_TESTS = (*EASY_KINDS, "hard: call > abstain", "hard: abstain > guess", "divide: abstain > guess")
 
+
 def contrast_pairs(prompts: list[str], seed: int = 0) -> list[tuple[str, str, str, str]]:
     """(test, prompt, better, worse): for each prompt, replies that differ in one thing the gold judge
     weighs, so that a reward model's choice between them says what it has learned (train_rm.py reports
