@@ -26,10 +26,17 @@ Deviations from the paper, all common practice:
   also drop the division by the group's std: `--no-scale-by-std`). Dr. GRPO's constant is the padded
   width of the rollout's (B, T) tensors, which here changes from step to step with the longest prompt
   and response; the paper uses the generation budget.
+- beta depends on the reward (`--kl-coef`): the paper's 0.04 with the verifier, 0.4 with a reward model.
+  A verifier cannot be fooled, a reward model can: with 0.04 and 270 steps, GRPO against this project's
+  reward model said "Sorry, I don't know." to everything (gold -0.84, KL 23.5 nats); with 0.4, gold
+  +0.33 and KL 1.0. The verifier with 0.4 learns less (gold +0.45 against +0.58; right on 0.63 of the hard
+  questions against 0.78). The stages' own evaluations on the 300 held-out prompts, one sample each.
 - The default is one pass over each rollout (`--ppo-epochs 1`) in two minibatches of whole groups: the
   first minibatch is on-policy (ratio exactly 1, the clip idle), the second already slightly off.
-  Sized for a CPU: 135 steps of 4 prompts x G = 8, 4,320 sampled responses (PPO's default samples 3,840);
-  with 45, GRPO with the verifier had seen too few hard questions (about 26) to learn the calculator.
+  Sized for a CPU: 270 steps of 4 prompts x G = 8, 8,640 sampled responses (PPO's default samples 3,840
+  and makes four passes over each). With 45 steps GRPO with the verifier had seen too few hard questions
+  (about 26) to learn the calculator; with 135 it called it on 0.61 of the held-out hard questions and
+  still abstained on 0.32; with 270 it calls on 0.93 and is right on 0.78 (see the README's Results).
 
 Logged every step (metrics.jsonl; printed): `loss`, and from `grpo_stats` `pg_loss`, `kl` (k3 to the
 reference, per token), `approx_kl` (k3 between the rollout policy and the updated one; `first_approx_kl`,
@@ -41,7 +48,7 @@ mean and std over the batch, `group_reward_std` (the mean std within a group: th
 `eval_gold_reward`, `eval_correct_<kind>` (each prompt kind's share of right answers, for the kinds
 among the --monitor-prompts) and `kl_to_sft`.
 
-    python train_grpo.py                                  # after train_sft.py and train_rm.py, CPU, ~1.5 min
+    python train_grpo.py                                  # after train_sft.py and train_rm.py, CPU, ~3 min
     python train_grpo.py --reward verifier --out out/grpo_verifier     # no reward model: the task's check
     python train_grpo.py --data qa.jsonl --reward verifier  # prompts with an "answer" field each
     python train_grpo.py --device cuda --batch-size 64 --group-size 16 --minibatch-size 16    # one GPU
@@ -99,7 +106,7 @@ class Args:
     grad_clip: float = arg(1.0, "clip the gradient norm to this", positive)
     batch_size: int = arg(4, "prompts per step, each with G responses (batch_size * G sequences)", positive)
     # schedule and evaluation
-    max_steps: int = arg(135, "GRPO iterations (rollout + update)", positive)
+    max_steps: int = arg(270, "GRPO iterations (rollout + update)", positive)
     eval_interval: int = arg(15, "sample the policy on held-out prompts every this many steps", positive)
     eval_prompts: int = arg(300, "held-out prompts for the final evaluation (0: none)", nonnegative)
     max_new_tokens: int = arg(88, "response length limit when sampling", positive)
@@ -112,7 +119,9 @@ class Args:
     ppo_epochs: int = arg(1, "passes over each rollout (1: old_logprobs are the rollout's)", positive)
     temperature: float = arg(1.0, "sampling temperature; the log-probs are taken at the same one", positive)
     clip_eps: float = arg(0.2, "PPO ratio clip", positive)
-    kl_coef: float = arg(0.04, "beta, the weight of the k3 KL to the reference in the loss", nonnegative)
+    kl_coef: float = arg(-1.0, "beta, the weight of the k3 KL to the reference in the loss; -1: by --reward, "
+                         "0.4 with a reward model (it can be fooled), 0.04 with the verifier (the paper's)",
+                         lambda v: None if v >= 0 or v == -1 else "must be >= 0, or -1 (chosen by --reward)")
     loss_agg: str = arg("grpo", "grpo (mean of response means) | token (token mean) | dr_grpo (sum / B*T)",
                         one_of("grpo", "token", "dr_grpo"))
     scale_by_std: bool = arg(True, "divide advantages by the group's std (--no-scale-by-std: Dr. GRPO)")
@@ -341,6 +350,8 @@ def rollout(policy, ref, rms, enc, prompts, answers, args, generator, tool=None)
 
 if __name__ == "__main__":
     args = parse_args(Args)
+    if args.kl_coef == -1:  # a learned reward needs the tighter leash (see "Deviations" above)
+        args.kl_coef = 0.4 if args.reward == "rm" else 0.04
 
     # ---- device, dtype, seed ----------------------------------------------------------------------
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
