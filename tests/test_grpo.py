@@ -116,6 +116,7 @@ def test_smoke_grpo_with_the_reward_model(tiny_chain, tmp_path):
     assert "held-out gold reward" in proc.stdout and "gold reward by criterion" in proc.stdout
     ck, _ = check_run(out, models=3)
     assert "rm_reward_mean" in ck["extra"] and ck["args"]["reward_model"] == [tiny_chain["rm"]]
+    assert ck["args"]["kl_coef"] == 0.4  # --kl-coef's default by --reward: the tighter leash for a model
 
 
 def test_smoke_grpo_with_the_verifier(tiny_chain, tmp_path):
@@ -125,7 +126,7 @@ def test_smoke_grpo_with_the_verifier(tiny_chain, tmp_path):
                       "--out", out)
     assert "reward: the verifier" in proc.stdout and "reference unchanged: ok" in proc.stdout
     ck, rows = check_run(out, models=2)
-    assert "rm_reward_mean" not in ck["extra"]
+    assert "rm_reward_mean" not in ck["extra"] and ck["args"]["kl_coef"] == 0.04  # the paper's, by --reward
     # the verifier's rewards are -1, 0.3 or +1, less 1 for a response that never emitted EOS
     assert all(-2.0 <= r["reward"] <= 1.0 for r in rows)
 
