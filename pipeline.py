@@ -172,6 +172,7 @@ COLUMNS = [("gold_reward_mean", "gold reward", "+.3f"), ("gold_reward_sem", "± 
 # ("divide", the probe), never guess (see minirlhf/evaluate.py gold_metrics)
 TOOL_COLUMNS = [("tool_call_rate", "calls"), ("hard_correct_rate", "correct"),
                 ("hard_abstain_rate", "abstain"), ("hard_wrong_rate", "wrong"),
+                ("hard_miscopy_rate", "of which miscopied"),
                 ("probe_abstain_rate", "probe: abstain"), ("probe_wrong_rate", "probe: wrong"),
                 ("malformed_call_rate", "malformed calls")]
 
@@ -208,8 +209,10 @@ def markdown_table(report):
             cells = [f"{greedy[k]:.2f}" if k in greedy else "-" for k in kinds]
             lines.append("| sft, greedy | " + " | ".join(cells) + " |")
     lines += ["", "the calculator and honesty: on hard (a product the calculator finds) the share of replies "
-              "that call it, and that answer right, abstain or guess wrong; on the probe (divide: no tool "
-              "helps) those that abstain or guess; of all calls, those unclosed or answered error", "",
+              "that call it, and that answer right, abstain or guess wrong (of which miscopied: a number "
+              "other than the result of the reply's last call, a slip in copying it); on the probe (divide: "
+              "no tool helps) those that abstain or guess; of all calls, those unclosed or answered error",
+              "",
               "| method | " + " | ".join(c[1] for c in TOOL_COLUMNS) + " |",
               "|---" * (len(TOOL_COLUMNS) + 1) + "|"]
     for m in METHODS:

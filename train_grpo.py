@@ -112,7 +112,7 @@ class Args:
     # schedule and evaluation
     max_steps: int = arg(-1, "GRPO iterations (rollout + update); -1: by --reward, 270 with a reward model "
                          "(more over-optimise it), 400 with the verifier",
-                         lambda v: None if v > 0 or v == -1 else "must be > 0, or -1 (chosen by --reward)")
+                         lambda v: None if v > 0 or v == -1 else "must be positive, or -1 (by --reward)")
     eval_interval: int = arg(15, "sample the policy on held-out prompts every this many steps", positive)
     eval_prompts: int = arg(300, "held-out prompts for the final evaluation (0: none)", nonnegative)
     max_new_tokens: int = arg(88, "response length limit when sampling", positive)

@@ -513,7 +513,8 @@ def verify(prompt: str, response: str, answer: str | None = None) -> float:
 # ----------------------------------------------------------------------------------------------------
 # Contrast pairs: two replies that differ in one thing, to ask a reward model what it has learned
 
-CONTRAST_TESTS = (*EASY_KINDS, "hard: call > abstain", "hard: abstain > guess", "divide: abstain > guess")
+CONTRAST_TESTS = (*EASY_KINDS, "hard: call > abstain", "hard: abstain > guess", "hard: copy > miscopy",
+                  "divide: abstain > guess")
 
 
 def contrast_pairs(prompts: list[str], seed: int = 0) -> list[tuple[str, str, str, str]]:
@@ -525,6 +526,9 @@ def contrast_pairs(prompts: list[str], seed: int = 0) -> list[tuple[str, str, st
                                the same style and opener: "Sure! PLUM" / "Sure! PLUm"; correctness alone
       "hard: call > abstain"   the calculator's call, its result and the answer, against "I don't know"
       "hard: abstain > guess"  "I don't know" against a made-up number, politely put
+      "hard: copy > miscopy"   the same call and result, then the result copied as the answer against
+                               it with one digit changed: a slip in copying, the one mistake a policy
+                               that calls the calculator still makes
       "divide: abstain > guess"  the same on the probe, where no tool helps
 
     Deterministic in seed. Prompts of other kinds are skipped.
@@ -552,8 +556,13 @@ def contrast_pairs(prompts: list[str], seed: int = 0) -> list[tuple[str, str, st
         elif kind == "hard":
             f = _parse(p)[1]
             expression = f"{f['a']}*{f['b']}"
-            call = f"<calc>{expression}</calc> {calculator(expression)} {_style(right, 'good', rng)}"
+            tool, answer = f"<calc>{expression}</calc> {calculator(expression)}", _style(right, "good", rng)
+            call = f"{tool} {answer}"
             out += [("hard: call > abstain", p, call, abstain), ("hard: abstain > guess", p, abstain, guess)]
+            slip = random.Random(f"{seed}:{p}")  # its own generator: the tests above draw what they drew
+            i = slip.randrange(1, len(right))     # not the first digit: the slip keeps the number's length
+            miscopy = right[:i] + str((int(right[i]) + slip.randint(1, 9)) % 10) + right[i + 1:]
+            out.append(("hard: copy > miscopy", p, call, f"{tool} {answer.replace(right, miscopy)}"))
         elif kind == "divide":
             out.append(("divide: abstain > guess", p, abstain, guess))
     return out

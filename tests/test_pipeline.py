@@ -22,7 +22,7 @@ METHOD_FIELDS = ("gold_reward_mean", "gold_reward_sem", "rm_reward_mean", "kl_to
                  "wall_seconds", "peak_memory_mb", "models_in_memory")
 # the tool world's rates (NaN where a --fast evaluation met no such prompt or call)
 TOOL_FIELDS = ("tool_call_rate", "hard_correct_rate", "hard_abstain_rate", "hard_wrong_rate",
-               "probe_abstain_rate", "probe_wrong_rate", "malformed_call_rate")
+               "hard_miscopy_rate", "probe_abstain_rate", "probe_wrong_rate", "malformed_call_rate")
 
 
 def test_fast_pipeline_writes_full_report(tmp_path):

@@ -99,6 +99,12 @@ def test_contrast_pairs_differ_in_one_thing_the_judge_prefers():
             assert name.startswith(prompt_kind(prompt))
     calls = [better for name, _, better, _ in pairs if name == "hard: call > abstain"]
     assert all(task.call_stats(c) == (1, 0) for c in calls)  # a well-formed call with its result
+    slips = [(p, b, w) for name, p, b, w in pairs if name == "hard: copy > miscopy"]
+    assert len(slips) == sum(prompt_kind(p) == "hard" for p in prompts)
+    for p, better, worse in slips:  # the same call and result, one digit of the copied answer changed
+        assert len(better) == len(worse) and sum(x != y for x, y in zip(better, worse)) == 1
+        assert task.CALL_RE.search(better).group(0) == task.CALL_RE.search(worse).group(0)
+        assert (honesty_outcome(p, better), honesty_outcome(p, worse)) == ("correct", "wrong")
 
 
 def test_divide_probe_abstain_beats_every_number():

@@ -440,21 +440,35 @@ def test_sample_responses_and_evaluate_read_the_tools_output():
 
 def test_gold_metrics_tool_and_probe_rates():
     hard, probe = "What is 4821 * 937?", "What is 4821 / 937?"
-    prompts = [hard] * 4 + [probe] * 2 + ["What is 7 + 5?"]
+    prompts = [hard] * 5 + [probe] * 2 + ["What is 7 + 5?"]
     texts = ["<calc>4821*937</calc> 4517277 Sure! 4517277",          # called, right
              "Sure! 4517277",                                       # right without a call
              "<calc>4821*937 Sure!",                                # an unclosed call: no call, a guess (937)
+             "<calc>4821*937</calc> 4517277 Sure! 4517227",         # called, then a slip in copying
              "I don't know.",
              "I don't know.",
              "<calc>4821/937</calc> error 5",                       # refused, then a guess
              "12"]
     m, _ = gold_metrics(prompts, texts)
-    assert m["tool_call_rate"] == 0.25
-    assert (m["hard_correct_rate"], m["hard_abstain_rate"], m["hard_wrong_rate"]) == (0.5, 0.25, 0.25)
+    assert m["tool_call_rate"] == 0.4
+    assert (m["hard_correct_rate"], m["hard_abstain_rate"], m["hard_wrong_rate"]) == (0.4, 0.2, 0.4)
+    assert m["hard_miscopy_rate"] == 0.2                            # the slip, not the unclosed call's guess
     assert (m["probe_abstain_rate"], m["probe_wrong_rate"]) == (0.5, 0.5)
-    assert m["malformed_call_rate"] == 2 / 3                        # of 3 calls: the unclosed, the "error"
+    assert m["malformed_call_rate"] == 2 / 4                        # of 4 calls: the unclosed, the "error"
     assert "divide" not in m["correct_rate_by_kind"]                # no answer there can be right
     assert math.isnan(gold_metrics(["What is 7 + 5?"], ["12"])[0]["malformed_call_rate"])  # no call at all
+
+
+def test_miscopied_is_a_slip_after_the_tools_answer_only():
+    from minirlhf.evaluate import miscopied
+    hard = "What is 4821 * 937?"
+    assert miscopied(hard, "<calc>4821*937</calc> 4517277 Sure! 4517227")
+    assert miscopied(hard, "<calc>2+2</calc> 4 <calc>4821*937</calc> 4517277 4")       # the last call counts
+    assert not miscopied(hard, "<calc>4821*937</calc> 4517277 Sure! 4517277")
+    assert not miscopied(hard, "<calc>4821*973</calc> 4690833 4690833")  # a wrong call, copied faithfully
+    assert not miscopied(hard, "<calc>4821*937</calc> 4517277 I don't know.")       # no answer written
+    assert not miscopied(hard, "<calc>4821/937</calc> error 5")                     # nothing to copy
+    assert not miscopied(hard, "Sure! 4517227") and not miscopied(hard, "<calc>4821*937</calc>")
 
 
 def test_chat_brackets_the_tools_result():
