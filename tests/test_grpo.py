@@ -29,7 +29,7 @@ from minirlhf.data import write_jsonl
 from minirlhf.model import GPT, GPTConfig, ScalarHead
 from minirlhf.reward import RewardModel
 from minirlhf.tokenizer import get_encoding
-from train_grpo import grpo_stats, policy_forward, rollout
+from train_grpo import Args, by_reward, grpo_stats, policy_forward, rollout
 
 PROMPTS = ["What is 2 + 3?", "Spell 'cat' backwards.", "Say 'ox' 3 times."]
 
@@ -149,3 +149,11 @@ def test_verifier_on_data_prompts_needs_answers(tiny_chain, tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     [line] = proc.stderr.strip().splitlines()
     assert f"{bad}: record 2: field 'answer': missing" in line and "--reward verifier" in line
+
+
+def test_beta_and_steps_default_by_reward():
+    # -1 resolves by --reward: a learned reward gets the tighter leash and fewer steps; a value given is kept
+    rm, verifier = by_reward(Args()), by_reward(Args(reward="verifier"))
+    assert (rm.kl_coef, rm.max_steps) == (0.4, 270) and (verifier.kl_coef, verifier.max_steps) == (0.04, 400)
+    given = by_reward(Args(kl_coef=0.0, max_steps=7))
+    assert (given.kl_coef, given.max_steps) == (0.0, 7)
