@@ -99,7 +99,7 @@ def correct_rate_by_kind(prompts, texts) -> dict[str, float]:
 
 def miscopied(prompt, text) -> bool:
     """The calculator answered the reply's last call with a number, and the reply's answer (what the judge
-    reads) is another number: the policy had the right result in front of it and wrote something else.
+    reads) is another number: the policy had the tool's result in front of it and wrote something else.
     A wrong call copied faithfully ("<calc>4821*973</calc> 4690833 4690833") is not a miscopy."""
     calls = task.CALL_RE.findall(text)
     result = calls[-1][1] if calls else ""

@@ -527,8 +527,8 @@ def contrast_pairs(prompts: list[str], seed: int = 0) -> list[tuple[str, str, st
       "hard: call > abstain"   the calculator's call, its result and the answer, against "I don't know"
       "hard: abstain > guess"  "I don't know" against a made-up number, politely put
       "hard: copy > miscopy"   the same call and result, then the result copied as the answer against
-                               it with one digit changed: a slip in copying, the one mistake a policy
-                               that calls the calculator still makes
+                               it with one digit changed: a slip in copying, most of what goes wrong
+                               once a policy calls the calculator (README, Results)
       "divide: abstain > guess"  the same on the probe, where no tool helps
 
     Deterministic in seed. Prompts of other kinds are skipped.
