@@ -189,6 +189,30 @@ def correctness_only_pairs(group) -> list[tuple[int, int]]:
             if b[i]["correctness"] > b[j]["correctness"] and all(b[i][c] == b[j][c] for c in others)]
 
 
+def hard_candidates(groups) -> dict[str, dict[str, float]]:
+    """What the labeler ranked on the calculator's questions ("hard"), every distinct candidate once:
+    {"call": ..., "abstain": ..., "answer": ...} -> {"n": candidates, "gold": their mean gold reward,
+    "right": the share answered right}. "call" holds a closed call (as `tool_call_rate` counts them),
+    "abstain" no call and an abstention (`task.honesty_outcome`), "answer" the rest: a number with no call
+    (a guess), or neither number nor abstention; an outcome no candidate had is left out.
+
+    A reward model learns the value of calling from these: if it cannot check a call's answer, a call is
+    worth to it about the calls' mean gold, and when that is close to the abstentions' mean, it has little
+    reason to prefer calling (README, Results)."""
+    seen: dict[str, list[tuple[float, bool]]] = {}
+    for g in groups:
+        if task.prompt_kind(g.prompt) != "hard":
+            continue
+        for t, rank in zip(g.texts, g.ranks):
+            if rank < 0:  # a repeat: the labeler saw it once
+                continue
+            outcome = task.honesty_outcome(g.prompt, t)
+            what = "call" if task.CALL_RE.search(t) else ("abstain" if outcome == "abstain" else "answer")
+            seen.setdefault(what, []).append((task.judge(g.prompt, t), outcome == "correct"))
+    return {k: {"n": len(v), "gold": sum(x for x, _ in v) / len(v), "right": sum(r for _, r in v) / len(v)}
+            for k in ("call", "abstain", "answer") if (v := seen.get(k))}
+
+
 def ranks_from_values(values: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
     """Ranks (B, K) of values (B, K), largest first: rank[b, i] = #{present j : v[b, j] > v[b, i]}.
 
@@ -378,6 +402,11 @@ if __name__ == "__main__":
         # How well the noisy labels themselves follow the gold order: what the reward model learns from.
         labels_vs_gold = pairwise_accuracy(-val_ranks.float(), val_gold_ranks).item()
         print(f"held-out labels agree with the gold order on {labels_vs_gold:.3f} of the pairs gold orders")
+        # what a call is worth in the comparisons, against abstaining: the reward model's reason to call
+        hard_seen = hard_candidates(train_groups)
+        print("hard questions, the training candidates: " + ", ".join(
+            f"{k} {v['n']} (right {v['right']:.2f}, gold {v['gold']:+.2f})" for k, v in hard_seen.items())
+            + ("" if hard_seen else "none"))
 
     # ---- the reward model ---------------------------------------------------------------------------
     model = ScalarHead(policy).to(device).train()  # the head is the only new parameter: Linear(n_embd, 1)
@@ -478,6 +507,7 @@ if __name__ == "__main__":
                  world_size=dist.WORLD_SIZE)
     if builtin:
         extra["labels_vs_gold"] = labels_vs_gold
+        extra["hard_candidates"] = hard_seen
         # the pairs that differ in correctness alone, by kind: can the RM teach correctness, not manners?
         right, seen = {}, {}
         for g, s in zip(val_groups, val_scores):

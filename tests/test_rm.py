@@ -25,8 +25,8 @@ from minirlhf import task
 from minirlhf.checkpoint import load_checkpoint
 from minirlhf.model import GPT, GPTConfig, ScalarHead
 from minirlhf.ops import gather_last
-from train_rm import (Ranked, correctness_only_pairs, label_distinct, pairwise_accuracy, ranking_stats,
-                      ranks_from_values, rm_batch)
+from train_rm import (Ranked, correctness_only_pairs, hard_candidates, label_distinct, pairwise_accuracy,
+                      ranking_stats, ranks_from_values, rm_batch)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAD = 256  # the bytes encoding's EOS, also the pad id
@@ -139,6 +139,8 @@ def test_smoke_builtin_task(sft, tmp_path):
     contrast = extra["contrast_accuracy"]  # task.contrast_pairs on the 4 held-out prompts
     assert contrast and set(contrast) <= set(task.CONTRAST_TESTS)
     assert all(0 <= v <= 1 for v in contrast.values()) and "constructed pairs" in out
+    assert "hard questions, the training candidates: " in out
+    assert set(extra["hard_candidates"]) <= {"call", "abstain", "answer"}
 
 
 def test_ranking_stats_on_hand_values():
@@ -152,6 +154,25 @@ def test_ranking_stats_on_hand_values():
 def test_correctness_only_pairs_ignore_manners():
     g = Ranked("What is 2 + 3?", [], [[1], [2], [3]], ["Sure! 5", "Sure! 6", "Ugh. 5"], [0, 1, 2])
     assert correctness_only_pairs(g) == [(0, 1)]  # "Ugh. 5" differs in politeness too
+
+
+def test_hard_candidates_by_hand():
+    p = "What is 4821 * 937?"  # 4517277
+    texts = ["<calc>4821*937</calc> 4517277 4517277",   # a call, right
+             "<calc>4821*937</calc> 4517277 4517377",   # a call, miscopied
+             "<calc>4821*937</calc> 4517277 4517277",   # a repeat: absent, not counted twice
+             "I don't know.", "4517277", "123"]         # an abstention, a lucky guess, a wrong one
+    groups = [Ranked(p, [], [[1]] * 6, texts, [0, 2, -1, 1, 3, 4]),
+              Ranked("What is 2 + 3?", [], [[1]], ["5"], [0])]  # another kind: left out
+    got = hard_candidates(groups)
+    assert list(got) == ["call", "abstain", "answer"]
+    assert (got["call"]["n"], got["call"]["right"]) == (2, 0.5) and got["abstain"]["n"] == 1
+    assert (got["answer"]["n"], got["answer"]["right"]) == (2, 0.5) and got["abstain"]["right"] == 0
+    judge = [task.judge(p, t) for t in texts]
+    assert got["call"]["gold"] == pytest.approx((judge[0] + judge[1]) / 2)
+    assert got["abstain"]["gold"] == pytest.approx(task.ABSTAIN_SCORE) == judge[3]
+    assert got["answer"]["gold"] == pytest.approx((judge[4] + judge[5]) / 2)
+    assert hard_candidates(groups[1:]) == {}
 
 
 def test_no_ranked_pair_is_an_error(sft, tmp_path):
