@@ -321,7 +321,8 @@ def main():
     report["best_of_n"] = dict(json.load(open(p("best_of_n.json")))[p("sft")], wall_seconds=wall["best_of_n"])
     rm_extra = load_checkpoint(p("rm"))["extra"]
     rm_keys = ("accuracy_vs_gold", "accuracy_vs_labels", "reward_mean", "reward_std",
-               "accuracy_correctness_by_kind", "contrast_accuracy", "peak_memory_mb", "train_seconds")
+               "accuracy_correctness_by_kind", "contrast_accuracy", "hard_candidates", "peak_memory_mb",
+               "train_seconds")
     report["rm"] = {k: rm_extra.get(k) for k in rm_keys}
     report["rm"]["wall_seconds"] = wall["rm"]
     report["total_wall_seconds"] = time.time() - t_total

@@ -47,6 +47,7 @@ def test_fast_pipeline_writes_full_report(tmp_path):
     assert all(f"| {m} |" in table for m in METHODS) and "## Sample answers" in table
     assert "correct rate by kind" in table and "the calculator and honesty" in table
     assert set(report["rm"]["contrast_accuracy"]) <= set(task.CONTRAST_TESTS) and "constructed" in table
+    assert set(report["rm"]["hard_candidates"]) <= {"call", "abstain", "answer"}
     assert "| grpo_verifier |" in proc.stdout  # the table is printed too
 
 
