@@ -29,6 +29,11 @@ Deviations from InstructGPT:
 - Repeated samples: K draws from a small model often repeat a response word for word. The labeler sees
   each distinct response once; a repeat is an absent candidate (rank -1), since an identical pair
   carries no preference (the rule data.py applies to pairwise files).
+- Slipped twins (`--copy-twins`, off): the labeler can also rank, beside each right calculator answer
+  among a training prompt's candidates, the same reply with one slip in its copying (`task.slipped_twin`),
+  to teach the reward model to check a copy. Measured, it does not: the reward model fits the twins it
+  saw, stays at chance on held-out ones, and learns that a call is worth less than "I don't know"
+  (README, Results).
 - Normalisation: InstructGPT adds a bias so that labeler demonstrations score 0 on average. We save the
   mean and standard deviation of the scores on SFT samples (`extra["reward_mean"]`, `["reward_std"]`),
   and minirlhf.reward scales with both, so the PPO stage starts at reward ~ 0 with unit spread.
@@ -112,6 +117,12 @@ class Args:
                                    nonnegative)
     temperature: float = arg(1.0, "sampling temperature of the candidates (and of the statistics' samples)",
                              positive)
+    copy_twins: bool = arg(False, "built-in task: beside each right calculator answer among a training "
+                           "prompt's candidates (at most MAX_TWINS), the labeler also ranks its slipped twin "
+                           "(task.slipped_twin: one slip in copying the call or its result)")
+
+
+MAX_TWINS = 2  # slipped twins per prompt (--copy-twins): a batch holds at most K + 2 candidates a prompt
 
 
 def ranking_loss(rewards: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
@@ -280,6 +291,16 @@ def label_distinct(prompt: str, texts: list[str], temperature: float, rng: rando
     return ranks
 
 
+def with_twins(prompt: str, texts: list[str], ids: list[list[int]], enc, rng: random.Random):
+    """(texts, ids) of a prompt's candidates with the slipped twins (`task.slipped_twin`) of its first
+    MAX_TWINS distinct right calculator answers after them; a twin that already is a candidate is not
+    added again. A twin's tokens are its text encoded (`encode_response`): with the byte tokenizer exactly
+    the tokens sampling would have given it."""
+    twins = [x for t in dict.fromkeys(texts) if (x := task.slipped_twin(prompt, t, rng)) is not None]
+    twins = [x for x in dict.fromkeys(twins) if x not in texts][:MAX_TWINS]
+    return texts + twins, ids + [encode_response(enc, x) for x in twins]
+
+
 def comparison_records(groups: list[Ranked]) -> list[dict]:
     """The groups as K-way records {prompt, responses, ranks} that `read_jsonl` reads back.
 
@@ -333,9 +354,10 @@ if __name__ == "__main__":
             f"prompt in the context of {block_size} tokens")
     max_prompt = block_size - args.max_new_tokens  # the prompt budget sampling uses, here and in PPO
 
-    def sample_groups(prompts, label_rng):
+    def sample_groups(prompts, label_rng, twin_rng=None):
         """K SFT samples per prompt (the tool's output in them: the reward model reads it), ranked by the
-        simulated labeler."""
+        simulated labeler; with twin_rng, each prompt's first MAX_TWINS distinct right calculator answers
+        are ranked beside their slipped twins (`task.slipped_twin`), one ranking over all."""
         flat = [p for p in prompts for _ in range(args.k)]
         out = sample_responses(policy, enc, flat, args.max_new_tokens, temperature=args.temperature,
                                generator=generator, device=device, tool=tool)
@@ -344,6 +366,8 @@ if __name__ == "__main__":
         for b, p in enumerate(prompts):
             candidates = out[b * args.k:(b + 1) * args.k]
             texts, ids = [t for t, _ in candidates], [r for _, r in candidates]
+            if twin_rng is not None:
+                texts, ids = with_twins(p, texts, ids, enc, twin_rng)
             ranks = label_distinct(p, texts, args.label_temperature, label_rng)
             groups.append(Ranked(p, prompt_ids[b], ids, texts, ranks, [task.judge(p, t) for t in texts]))
         return groups
@@ -382,15 +406,18 @@ if __name__ == "__main__":
             print(f"note: --n-prompts {args.n_prompts} is more than the task's {len(pool)} training prompts; "
                   f"using all {len(pool)}")
         prompts = random.Random(args.seed).sample(pool, min(args.n_prompts, len(pool)))
-        train_groups = sample_groups(prompts, random.Random(args.seed + 1))
+        train_groups = sample_groups(prompts, random.Random(args.seed + 1),
+                                     random.Random(args.seed + 3) if args.copy_twins else None)
         val_groups = sample_groups(task.heldout_prompts()[: args.eval_prompts], random.Random(args.seed + 2))
         stat_groups = val_groups  # every held-out candidate is an SFT sample, repeats included
     require(train_groups, f"{args.data}: {len(val_groups)} record(s), too few to hold one out and train on")
-    K = max(len(g.responses) for g in train_groups + val_groups)
+    K = max(len(g.responses) for g in val_groups)  # candidates a held-out prompt (a training batch: its own)
     sample_seconds = time.time() - t0
     n_pairs = sum(sum(0 <= a < b for a in g.ranks for b in g.ranks) for g in train_groups)
+    n_twins = sum(len(g.responses) - args.k for g in train_groups) if builtin else 0
     print(f"data: {len(train_groups)} train, {len(val_groups)} held-out prompts, K = {K}, "
-          f"{n_pairs} training pairs ({sample_seconds:.0f} s)")
+          f"{n_pairs} training pairs ({sample_seconds:.0f} s)"
+          + (f"; {n_twins} slipped twins among the candidates" if args.copy_twins and builtin else ""))
     require(n_pairs > 0, "no ranked pair to learn from: every prompt's responses are tied or repeated "
             + ("(in " + args.data + ")" if args.data else f"(--k {args.k}, --n-prompts {args.n_prompts})"))
     val_ranks = torch.tensor([g.ranks + [-1] * (K - len(g.ranks)) for g in val_groups])  # (N, K)
@@ -414,18 +441,18 @@ if __name__ == "__main__":
     print(f"reward model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, tokenizer "
           f"{enc.name}, device {device}, dtype {dtype}")
 
-    def get_batch(groups):
-        """B groups -> tokens, attn, mask (B*K, T), ranks (B, K), rows truncated."""
-        tokens, attn, mask, ranks, n_cut = rm_batch(groups, K, pad, block_size)
+    def get_batch(groups, k):
+        """B groups -> tokens, attn, mask (B*k, T), ranks (B, k), rows truncated: k candidates a group."""
+        tokens, attn, mask, ranks, n_cut = rm_batch(groups, k, pad, block_size)
         return tokens.to(device), attn.to(device), mask.to(device), ranks.to(device), n_cut
 
     @torch.no_grad()
     def scores_of(groups):
-        """Scores (N, K) of every candidate of every group, in batches."""
+        """Scores (N, k) of every candidate of every group, in batches; k = the most a group holds."""
         model.eval()
-        out = []
+        out, k = [], max(len(g.responses) for g in groups)
         for i in range(0, len(groups), args.batch_size):
-            tokens, attn, mask, ranks, _ = get_batch(groups[i:i + args.batch_size])
+            tokens, attn, mask, ranks, _ = get_batch(groups[i:i + args.batch_size], k)
             with autocast:
                 out.append(gather_last(model(tokens, attn), mask).float().view(ranks.shape).cpu())
         model.train()
@@ -461,7 +488,8 @@ if __name__ == "__main__":
         if len(order) < args.batch_size:  # epochs: every prompt once, in a fresh order each pass
             order += data_rng.sample(range(len(train_groups)), len(train_groups))
         batch, order = [train_groups[i] for i in order[:args.batch_size]], order[args.batch_size:]
-        tokens, attn, mask, ranks, n_cut = get_batch(dist.shard(batch))  # this rank's slice of the batch
+        batch = dist.shard(batch)  # this rank's slice of the batch, as many candidates as its groups hold
+        tokens, attn, mask, ranks, n_cut = get_batch(batch, max(len(g.responses) for g in batch))
         n_truncated += dist.all_reduce(n_cut).item()
         with autocast:
             values = train_model(tokens, attn)                            # (B*K, T): a scalar per position

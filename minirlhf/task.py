@@ -569,6 +569,63 @@ def contrast_pairs(prompts: list[str], seed: int = 0) -> list[tuple[str, str, st
 
 
 # ----------------------------------------------------------------------------------------------------
+# Slipped twins: comparisons that ask the labeler to check a call (train_rm.py --copy-twins)
+
+SLIPS = ("change", "drop", "double", "swap")
+
+
+def copy_slip(number: str, rng: random.Random) -> str:
+    """`number` (decimal digits) copied with one slip, the kinds seen in sampled copies (README, Results):
+    a digit changed, dropped or written twice, or two neighbours swapped. Never `number` itself, and
+    never with a leading zero."""
+    for _ in range(50):
+        i, how = rng.randrange(len(number)), rng.choice(SLIPS)
+        if how == "change":
+            slipped = number[:i] + str((int(number[i]) + rng.randint(1, 9)) % 10) + number[i + 1:]
+        elif how == "drop" and len(number) > 1:
+            slipped = number[:i] + number[i + 1:]
+        elif how == "double":
+            slipped = number[:i + 1] + number[i:]
+        elif how == "swap" and i + 1 < len(number):
+            slipped = number[:i] + number[i + 1] + number[i] + number[i + 2:]
+        else:
+            continue
+        if slipped != number and not (len(slipped) > 1 and slipped[0] == "0"):
+            return slipped
+    return number[:-1] + str((int(number[-1]) + 1) % 10)  # "0", "00...": a changed last digit will do
+
+
+def slipped_twin(prompt: str, response: str, rng: random.Random) -> str | None:
+    """`response`, a right answer to a hard prompt through the calculator, with one slip in its use of
+    the tool; None when it is not such an answer (it must call, and copy the call's result as its answer).
+
+    The slip is one of the two ways a policy that calls goes wrong, with equal odds: in copying the result
+    into the answer ("<calc>3048*151</calc> 460248 Sure! 46024"), or in copying the question's numbers into
+    the call, which the calculator then answers and the reply copies faithfully ("<calc>3048*157</calc>
+    463536 Sure! 463536"). Everything else stays, so the pair differs in the slip alone and the judge
+    prefers the original (right against wrong: honesty +1 against -1).
+    """
+    if prompt_kind(prompt) != "hard" or honesty_outcome(prompt, response) != "correct":
+        return None
+    calls = list(CALL_RE.finditer(response))
+    if not calls or calls[-1].group(2) != expected_answer(prompt):
+        return None  # right, but not through its last call: a guess that happened to be right
+    last, result = calls[-1], calls[-1].group(2)
+    head, tail = response[:last.start()], response[last.end():]  # the answer, `result` again, is in tail
+    call, value = last.group(0), copy_slip(result, rng)          # a slip in copying the result
+    if rng.random() < 0.5:                                       # or in copying the question into the call
+        expression = last.group(1)
+        number = rng.choice(list(re.finditer(r"[0-9]+", expression)))
+        slipped = expression[:number.start()] + copy_slip(number.group(), rng) + expression[number.end():]
+        if calculator(slipped) not in (CALC_ERROR, result):
+            value = calculator(slipped)
+            call = f"<calc>{slipped}</calc> {value}"
+    before, after = tail.rsplit(result, 1)
+    twin = head + call + before + value + after
+    return twin if honesty_outcome(prompt, twin) == "wrong" else None
+
+
+# ----------------------------------------------------------------------------------------------------
 # The noisy labeler (preference data for the reward model)
 
 LABEL_TEMPERATURE = 0.3

@@ -16,6 +16,7 @@ Run: python -m pytest -q tests/test_rm.py
 import json
 import os
 import random
+import re
 
 import pytest
 import torch
@@ -25,8 +26,9 @@ from minirlhf import task
 from minirlhf.checkpoint import load_checkpoint
 from minirlhf.model import GPT, GPTConfig, ScalarHead
 from minirlhf.ops import gather_last
-from train_rm import (Ranked, correctness_only_pairs, hard_candidates, label_distinct, pairwise_accuracy,
-                      ranking_stats, ranks_from_values, rm_batch)
+from minirlhf.tokenizer import decode_response, encode_response
+from train_rm import (MAX_TWINS, Ranked, correctness_only_pairs, hard_candidates, label_distinct,
+                      pairwise_accuracy, ranking_stats, ranks_from_values, rm_batch, with_twins)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAD = 256  # the bytes encoding's EOS, also the pad id
@@ -173,6 +175,26 @@ def test_hard_candidates_by_hand():
     assert got["abstain"]["gold"] == pytest.approx(task.ABSTAIN_SCORE) == judge[3]
     assert got["answer"]["gold"] == pytest.approx((judge[4] + judge[5]) / 2)
     assert hard_candidates(groups[1:]) == {}
+
+
+def test_with_twins_adds_at_most_two_slipped_right_calls():
+    from minirlhf.tokenizer import get_encoding
+    enc = get_encoding("bytes")
+    p = "What is 3048 * 151?"  # 460248
+    texts = ["<calc>3048*151</calc> 460248 Sure! 460248",  # right through the call: gets a twin
+             "<calc>3048*151</calc> 460248 Sure! 460248",  # a repeat: one twin for both
+             "460248",                                      # right, but a guess: nothing to slip
+             "<calc>3048*151</calc> 460248 46024",          # miscopied already
+             "<calc>3048*151</calc> 460248 Of course! 460248", "<calc>3048*151</calc> 460248 460248"]
+    ids = [encode_response(enc, t) for t in texts]
+    got, got_ids = with_twins(p, texts, ids, enc, random.Random(0))
+    assert got[:6] == texts and got_ids[:6] == ids and len(got) == 6 + MAX_TWINS == 8
+    for right, twin in zip([texts[0], texts[4]], got[6:]):  # the first two distinct right calls, in order
+        assert task.honesty_outcome(p, twin) == "wrong"
+        assert re.sub(r"[0-9]+", "#", twin) == re.sub(r"[0-9]+", "#", right)  # the words stay, a number slips
+    assert [decode_response(enc, x) for x in got_ids[6:]] == got[6:]
+    assert with_twins(p, texts[2:4], ids[2:4], enc, random.Random(0)) == (texts[2:4], ids[2:4])
+    assert with_twins("What is 2 + 3?", ["5"], ids[:1], enc, random.Random(0)) == (["5"], ids[:1])
 
 
 def test_no_ranked_pair_is_an_error(sft, tmp_path):

@@ -107,6 +107,63 @@ def test_contrast_pairs_differ_in_one_thing_the_judge_prefers():
         assert (honesty_outcome(p, better), honesty_outcome(p, worse)) == ("correct", "wrong")
 
 
+def _one_slip(a: str, b: str) -> bool:
+    """b is a with one digit changed, dropped or doubled, or two neighbours swapped (naive, by cases)."""
+    if len(a) == len(b):
+        diff = [i for i in range(len(a)) if a[i] != b[i]]
+        return len(diff) == 1 or (len(diff) == 2 and diff[1] == diff[0] + 1
+                                  and (a[diff[0]], a[diff[1]]) == (b[diff[1]], b[diff[0]]))
+    if len(b) == len(a) - 1:
+        return any(a[:i] + a[i + 1:] == b for i in range(len(a)))
+    if len(b) == len(a) + 1:
+        return any(b[:i + 1] + b[i + 2:] == a and b[i] == b[i + 1] for i in range(len(a)))
+    return False
+
+
+def test_copy_slip_is_one_slip_of_each_kind():
+    rng, seen = random.Random(0), set()
+    for number in ["4517277", "460248", "10", "7", "1000", "999"] * 40:
+        slipped = task.copy_slip(number, rng)
+        assert slipped != number and slipped.isdigit() and _one_slip(number, slipped), (number, slipped)
+        assert len(slipped) == 1 or slipped[0] != "0"
+        seen.add("change" if len(slipped) == len(number) and sum(x != y for x, y in zip(number, slipped)) == 1
+                 else {-1: "drop", 1: "double", 0: "swap"}[len(slipped) - len(number)])
+    assert seen == set(task.SLIPS)
+    assert [task.copy_slip("4517277", random.Random(5)) for _ in range(3)] == [task.copy_slip(
+        "4517277", random.Random(5)) for _ in range(3)]
+
+
+def test_slipped_twin_puts_one_slip_into_a_right_call():
+    prompt = "What is 3048 * 151?"
+    right = "<calc>3048*151</calc> 460248 Sure! 460248"
+    for reply in ["Sure! 460248",                              # right, but a guess: no call to slip
+                  "<calc>3048*151</calc> 460248 Sure! 46024",  # wrong already
+                  "<calc>3048*151</calc> 460248 I don't know.",
+                  "<calc>3048*157</calc> 463536 Sure! 460248"]:  # right, but not through its call
+        assert task.slipped_twin(prompt, reply, random.Random(0)) is None, reply
+    assert task.slipped_twin("What is 3 + 4?", "<calc>3+4</calc> 7 Sure! 7", random.Random(0)) is None
+    kinds, rng = set(), random.Random(1)
+    for _ in range(100):
+        twin = task.slipped_twin(prompt, right, rng)
+        assert honesty_outcome(prompt, twin) == "wrong" and judge(prompt, twin) < judge(prompt, right)
+        (expression, result), = task.CALL_RE.findall(twin)
+        assert twin.startswith("<calc>") and " Sure! " in twin  # the words stay; the slip is in the numbers
+        answer = twin.rsplit(" ", 1)[1]
+        if expression == "3048*151":  # a slip in copying the result into the answer
+            assert result == "460248" and _one_slip("460248", answer)
+            kinds.add("answer")
+        else:                          # a slip in copying the question into the call, copied faithfully
+            a, b = expression.split("*")
+            assert (a == "3048" and _one_slip("151", b)) or (b == "151" and _one_slip("3048", a))
+            assert result == task.calculator(expression) == answer
+            kinds.add("call")
+    assert kinds == {"answer", "call"}
+    spaced = "Of course! <calc>3048 * 151</calc> 460248 The answer is 460248."
+    twin = task.slipped_twin(prompt, spaced, random.Random(2))
+    assert twin.startswith("Of course! <calc>") and twin.endswith(".")
+    assert honesty_outcome(prompt, twin) == "wrong"
+
+
 def test_divide_probe_abstain_beats_every_number():
     prompt = "What is 4821 / 937?"
     assert prompt_kind(prompt) == "divide" and expected_answer(prompt) is None
