@@ -612,6 +612,8 @@ def slipped_twin(prompt: str, response: str, rng: random.Random) -> str | None:
         return None  # right, but not through its last call: a guess that happened to be right
     last, result = calls[-1], calls[-1].group(2)
     head, tail = response[:last.start()], response[last.end():]  # the answer, `result` again, is in tail
+    if not _numbers(tail):
+        return None  # the answer came before the call: nothing was copied from it
     call, value = last.group(0), copy_slip(result, rng)          # a slip in copying the result
     if rng.random() < 0.5:                                       # or in copying the question into the call
         expression = last.group(1)

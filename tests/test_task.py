@@ -139,7 +139,8 @@ def test_slipped_twin_puts_one_slip_into_a_right_call():
     for reply in ["Sure! 460248",                              # right, but a guess: no call to slip
                   "<calc>3048*151</calc> 460248 Sure! 46024",  # wrong already
                   "<calc>3048*151</calc> 460248 I don't know.",
-                  "<calc>3048*157</calc> 463536 Sure! 460248"]:  # right, but not through its call
+                  "<calc>3048*157</calc> 463536 Sure! 460248",   # right, but not through its call
+                  "460248 <calc>3048*151</calc> 460248"]:        # the answer came before the call
         assert task.slipped_twin(prompt, reply, random.Random(0)) is None, reply
     assert task.slipped_twin("What is 3 + 4?", "<calc>3+4</calc> 7 Sure! 7", random.Random(0)) is None
     kinds, rng = set(), random.Random(1)
