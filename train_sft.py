@@ -61,8 +61,10 @@ class Args:
     batch_size: int = arg(32, "sequences per step", positive)
     # schedule and evaluation
     max_steps: int = arg(7200, "optimisation steps", positive)
-    eval_interval: int = arg(200, "held-out loss every this many steps", positive)
+    eval_interval: int = arg(400, "held-out loss (and the policy's samples) every this many steps", positive)
     eval_prompts: int = arg(300, "held-out prompts for the final evaluation (0: none)", nonnegative)
+    monitor_prompts: int = arg(64, "built-in task: held-out prompts for the interval evaluations (0: none)",
+                               nonnegative)
     max_new_tokens: int = arg(88, "response length limit when sampling", positive)
     tool: bool = arg(True, "sample with the calculator of minirlhf/task.py, train on the policy's own tokens "
                      "only (--no-tool: without it)")
@@ -256,6 +258,16 @@ if __name__ == "__main__":
                            ms=(time.time() - t0) * 1000)
             if evaluate_now and dist.is_main:
                 metrics["val_loss"] = val_loss()
+            if evaluate_now and dist.is_main and builtin and args.monitor_prompts:
+                # what the loss does not show: each kind's share of right answers, sampled at T = 1 and
+                # greedy (what the model knows, apart from what sampling costs it); the same seed every
+                # time, so the points differ by the policy, not by the sampling noise
+                m, _ = evaluate(policy, enc, task.heldout_prompts()[: args.monitor_prompts],
+                                args.max_new_tokens, seed=args.seed, device=device, greedy=True, tool=tool)
+                policy.train()
+                metrics.update(eval_gold_reward=m["gold_reward_mean"],
+                               **{f"eval_correct_{k}": v for k, v in m["correct_rate_by_kind"].items()},
+                               **{f"eval_greedy_{k}": v for k, v in m["greedy_correct_rate_by_kind"].items()})
             log(step, print_line=evaluate_now, **metrics)
         if (step + 1) % args.ckpt_interval == 0 and step < last:
             dist.save_resume(args.out, policy, enc.name, args, step + 1, state)

@@ -2,8 +2,9 @@
 
 The session's tiny chain (conftest.tiny_chain) has already run train_sft.py as a user would; this
 checks its checkpoint (a language model with its evaluation, the model count, no resume.pt or run.lock
-left), its log (the keys `sft_stats` adds), and a second run on an SFT JSONL file, which has no gold
-judge and so no gold metrics. The loss itself is tested in tests/test_sft_loss.py.
+left), its log (the keys `sft_stats` adds; the interval evaluation's per-kind correct rates), and a second
+run on an SFT JSONL file, which has no gold judge and so no gold metrics nor interval evaluation. The
+loss itself is tested in tests/test_sft_loss.py.
 
 Run: python -m pytest -q tests/test_sft.py
 """
@@ -30,6 +31,10 @@ def test_builtin_task_checkpoint_and_log(tiny_chain):
     assert [r["step"] for r in rows] == [0, 2]  # every 10th step and the last
     assert {"loss", "tokens", "token_acc", "grad_norm", "lr", "ms", "val_loss"} <= set(rows[-1])
     assert isinstance(rows[-1]["tokens"], int) and 0 <= rows[-1]["token_acc"] <= 1
+    # the interval evaluation: each kind's correct rate sampled and greedy, on the --monitor-prompts
+    kinds = {k.removeprefix("eval_correct_") for k in rows[-1] if k.startswith("eval_correct_")}
+    assert kinds and kinds <= set(task.KINDS) and "eval_gold_reward" in rows[-1]
+    assert all(0 <= rows[-1][f"eval_greedy_{k}"] <= 1 for k in kinds)
 
 
 def test_jsonl_data_has_no_gold_metrics(tmp_path):
@@ -40,3 +45,6 @@ def test_jsonl_data_has_no_gold_metrics(tmp_path):
     assert "data: 7 train, 1 validation demonstrations" in stdout and "held-out gold reward" not in stdout
     _, ck = load_model(out)
     assert "gold_reward_mean" not in ck["extra"] and ck["extra"]["val_loss"] > 0
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert not any(k.startswith("eval_") for r in rows for k in r)  # no judge, no interval evaluation
+
