@@ -54,7 +54,9 @@ class Args:
     compile: bool = arg(False, "torch.compile the model (GPU)")
     threads: int = arg(0, "CPU threads (0: torch's default); a fixed count is bit-reproducible", nonnegative)
     # optimisation
-    lr: float = arg(3e-3, "peak learning rate (linear warmup, cosine decay to lr/10)", positive)
+    lr: float = arg(3e-3, "peak learning rate (linear warmup, cosine decay to lr * --lr-final)", positive)
+    lr_final: float = arg(0.0, "the learning rate at the end, a fraction of --lr: on the annotators' noisy "
+                          "labels a larger one keeps moving which facts the model holds", nonnegative)
     warmup_steps: int = arg(30, "learning-rate warmup", nonnegative)
     weight_decay: float = arg(0.1, "AdamW weight decay on matrices", nonnegative)
     grad_clip: float = arg(1.0, "clip the gradient norm to this", positive)
@@ -219,7 +221,8 @@ if __name__ == "__main__":
 
     # ---- optimizer --------------------------------------------------------------------------------
     optimizer = adamw(policy, args.lr, args.weight_decay, device)
-    lr_at = lambda step: warmup_cosine(step, args.lr, args.warmup_steps, args.max_steps)  # noqa: E731
+    lr_at = lambda step: warmup_cosine(step, args.lr, args.warmup_steps, args.max_steps,  # noqa: E731
+                                       args.lr_final)
     train_policy = dist.wrap(policy)  # under torchrun, DDP: backward averages the gradients over the ranks
     train_policy = torch.compile(train_policy) if args.compile else train_policy
     # what --resume restores besides the weights: the optimizer and the RNGs (the batches drawn so far)

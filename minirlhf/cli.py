@@ -176,12 +176,12 @@ def adamw(model, lr: float, weight_decay: float, device: str):
                              lr=lr, betas=(0.9, 0.95), fused=str(device).startswith("cuda"))
 
 
-def warmup_cosine(step: int, lr: float, warmup_steps: int, max_steps: int) -> float:
-    """Linear warmup to `lr` over `warmup_steps`, then cosine decay to lr / 10 at `max_steps`."""
+def warmup_cosine(step: int, lr: float, warmup_steps: int, max_steps: int, final: float = 0.1) -> float:
+    """Linear warmup to `lr` over `warmup_steps`, then cosine decay to lr * `final` at `max_steps`."""
     if step < warmup_steps:
         return lr * (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
-    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    return lr * (final + (1 - final) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 class Log:

@@ -3,18 +3,20 @@
 The session's tiny chain (conftest.tiny_chain) has already run train_sft.py as a user would; this
 checks its checkpoint (a language model with its evaluation, the model count, no resume.pt or run.lock
 left), its log (the keys `sft_stats` adds; the interval evaluation's per-kind correct rates), and a second
-run on an SFT JSONL file, which has no gold judge and so no gold metrics nor interval evaluation. The
-loss itself is tested in tests/test_sft_loss.py.
+run on an SFT JSONL file, which has no gold judge and so no gold metrics nor interval evaluation; and the
+learning-rate schedule by hand. The loss itself is tested in tests/test_sft_loss.py.
 
 Run: python -m pytest -q tests/test_sft.py
 """
 
 import json
+import math
 import os
 
 from conftest import TINY_SFT, run_script
 from minirlhf import task
 from minirlhf.checkpoint import load_model
+from minirlhf.cli import warmup_cosine
 from minirlhf.data import write_jsonl
 from minirlhf.model import GPT
 
@@ -48,3 +50,17 @@ def test_jsonl_data_has_no_gold_metrics(tmp_path):
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert not any(k.startswith("eval_") for r in rows for k in r)  # no judge, no interval evaluation
 
+
+def test_warmup_cosine_by_hand():
+    lr, warm, steps = 3e-3, 10, 110
+    # warmup: linear from lr / warm to lr
+    assert warmup_cosine(0, lr, warm, steps) == lr / warm and warmup_cosine(warm - 1, lr, warm, steps) == lr
+    # halfway through the decay, the mean of lr and the end; at max_steps, the end
+    for final in (0.1, 0.0, 0.5):
+        assert math.isclose(warmup_cosine(warm + 50, lr, warm, steps, final), lr * (1 + final) / 2)
+        assert math.isclose(warmup_cosine(steps, lr, warm, steps, final), lr * final, abs_tol=1e-18)
+        decay = [warmup_cosine(t, lr, warm, steps, final) for t in range(warm, steps + 1)]
+        assert all(a >= b for a, b in zip(decay, decay[1:]))
+    # SFT decays to 0 (--lr-final 0); every other stage keeps lr / 10, to the bit as before the option
+    before = lambda t: lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * ((t - warm) / (steps - warm)))))
+    assert all(warmup_cosine(t, lr, warm, steps) == before(t) for t in range(warm, steps + 1))
