@@ -342,11 +342,15 @@ def test_sft_dataset_is_deterministic_and_from_train_prompts():
     assert max(len(r) for _, r in data) <= 86  # with the template and prompt, fits a 128-token context
 
 
-def test_sft_dataset_balances_the_kinds():
-    # kinds are drawn uniformly, not prompts: add has 250 training prompts, the word kinds 550
+def test_sft_dataset_draws_kinds_by_their_weights():
+    # kinds are drawn by DEMO_WEIGHTS, not prompts: add has 250 training prompts, the word kinds 550;
+    # 3 / 8 of the demonstrations are add, 1 / 16 count and divide, 1 / 8 each other kind
+    assert set(task.DEMO_WEIGHTS) == set(task.KINDS)
     data = sft_dataset(6000, seed=0)
     shares = {k: sum(prompt_kind(p) == k for p, _ in data) / len(data) for k in task.KINDS}
-    assert all(abs(s - 1 / len(task.KINDS)) < 0.02 for s in shares.values()), shares
+    total = sum(task.DEMO_WEIGHTS.values())
+    assert all(abs(shares[k] - w / total) < 0.02 for k, w in task.DEMO_WEIGHTS.items()), shares
+    assert abs(shares["add"] - 3 / 8) < 0.02 and abs(shares["count"] - 1 / 16) < 0.01
 
 
 def test_demonstrations_fit_the_default_sampling_limit():
