@@ -17,6 +17,7 @@ Writes out/sft/ckpt.pt and out/sft/metrics.jsonl; on the built-in task, reports 
 reward of its samples (the number RLHF must raise). A stopped run continues with `--resume`.
 """
 
+import math
 import os
 import random
 import sys
@@ -261,7 +262,9 @@ if __name__ == "__main__":
                            ms=(time.time() - t0) * 1000)
             if evaluate_now and dist.is_main:
                 metrics["val_loss"] = val_loss()
-            if evaluate_now and dist.is_main and builtin and args.monitor_prompts:
+            # (weights this step made non-finite cannot be sampled: the next step's loss check stops the run)
+            sane = evaluate_now and dist.is_main and math.isfinite(metrics["val_loss"])
+            if sane and builtin and args.monitor_prompts:
                 # what the loss does not show: each kind's share of right answers, sampled at T = 1 and
                 # greedy (what the model knows, apart from what sampling costs it); the same seed every
                 # time, so the points differ by the policy, not by the sampling noise
