@@ -190,8 +190,9 @@ def save_resume(out_dir: str, model, tokenizer: str, args, step: int, state: dic
     save_checkpoint(out_dir, model, tokenizer, args, step, {**values, "resume": resume}, name=RESUME_NAME)
 
 
-# Arguments that may change when a run resumes: they do not change what it computes.
-RESUMABLE_CHANGES = ("resume", "ckpt_interval", "out")
+# Arguments that may change when a run resumes: they do not change what it computes. (--overwrite only says
+# what to do with a finished run in --out: pipeline.py starts a stage with it and resumes it without.)
+RESUMABLE_CHANGES = ("resume", "overwrite", "ckpt_interval", "out")
 
 
 def resume_or_start(args, model, state: dict, lock: bool = True) -> tuple[int, dict]:

@@ -537,12 +537,14 @@ def test_kill_and_resume(tmp_path, ckpts, script):
 def test_resume_refuses_other_arguments_and_fresh_runs_over_it(tmp_path):
     flags = [*SFT_TINY, "--max-steps", "4", "--ckpt-interval", "2", "--lr", "0.002",
              "--out", tmp_path / "sft"]
-    run("train_sft.py", *flags, kill=("after", 1))
+    run("train_sft.py", *flags, "--overwrite", kill=("after", 1))  # as pipeline.py starts a stage
     assert_user_error(run_here("train_sft.py", *flags, "--lr", "0.01", "--resume"),
                       "cannot resume with other arguments", "--lr was 0.002, now 0.01")
     assert_user_error(run_here("train_sft.py", *flags), "an unfinished run is saved here; pass --resume")
     assert_user_error(run_here("train_sft.py", *flags[:-1], tmp_path / "elsewhere", "--resume"),
                       "nothing to resume")
+    code, _, err = run_here("train_sft.py", *flags, "--resume")  # --overwrite is no argument of the run's
+    assert code == 0, err[-3000:]
 
 
 # ----------------------------------------------------------------------------------------------------
