@@ -1,6 +1,6 @@
 """The whole RLHF pipeline on the built-in task, in one command, measured against the simulated human.
 
-    python pipeline.py                 # about 41 minutes on a 2-core CPU (machines differ: see the README)
+    python pipeline.py                 # 41 to 66 minutes on a 2-core CPU, by machine (see the README)
     python pipeline.py --fast          # a few-step version of every stage: checks the plumbing in ~1 minute
 
 Runs the rows of `STAGES` in order, each as its own process (so its wall time and peak memory are its own):
@@ -54,8 +54,8 @@ class Stage:
 STAGES = [
     Stage("sft", "train_sft.py", "",
           "--n-layer 1 --n-head 2 --n-embd 32 --max-steps 20 --n-demos 256 --eval-prompts 12 "
-          "--max-new-tokens 16",
-          ("loss", "val_loss")),
+          "--max-new-tokens 16 --monitor-prompts 4",
+          ("loss", "val_loss", "eval_gold_reward")),
     Stage("rm", "train_rm.py", "--init {out}/sft",
           "--n-prompts 16 --eval-prompts 8 --max-steps 4 --batch-size 4 --max-new-tokens 16",
           ("loss", "acc", "acc_gold"), method=False),
