@@ -6,10 +6,10 @@ on the response tokens only, EOS included: the prompt is given, not something th
 to write, and the EOS token is how it learns to stop.
 
 Deviations from InstructGPT: no pretraining here by default (a tiny GPT learns the built-in task from
-scratch, in 11 to 16 minutes on 2 CPU cores, by machine); `--init gpt2` (or a folder with GPT-2
+scratch, in 11 to 34 minutes on 2 CPU cores, by machine); `--init gpt2` (or a folder with GPT-2
 weights) starts from GPT-2.
 
-    python train_sft.py                                      # built-in task, CPU, 11-16 minutes
+    python train_sft.py                                      # built-in task, CPU, 11-34 minutes
     python train_sft.py --init gpt2 --tokenizer gpt2 --data sft.jsonl --device cuda   # one GPU
     torchrun --standalone --nproc_per_node 8 train_sft.py --init gpt2 ...   # 8 GPUs (see minirlhf/dist.py)
 

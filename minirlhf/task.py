@@ -3,7 +3,7 @@
 RLHF needs three things a laptop does not have: people who write demonstrations, people who compare
 responses, and a way to know whether the trained policy really got better. This module simulates all
 three, offline and deterministically from a seed, on a task that a tiny byte-level GPT (4 layers,
-8 heads, 128 wide, context 128) learns in 11 to 16 CPU minutes (7,200 SFT steps, 2 cores).
+8 heads, 128 wide, context 128) learns in 11 to 34 CPU minutes (7,200 SFT steps, 2 cores, by machine).
 
 Prompts. Seven kinds of short instructions, each with a few phrasings, built from a word list below:
 
