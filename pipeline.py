@@ -291,11 +291,13 @@ def main():
     log_dir = p("logs")
     os.makedirs(log_dir, exist_ok=True)
     t_total = time.time()
-    name = None
+    name, eval_seconds = None, 0.0
     try:
         for name, cmd in commands.items():
             seconds = run(name, cmd, log_dir)
-            if name != "evaluate":
+            if name == "evaluate":
+                eval_seconds = seconds
+            else:
                 wall[name] = seconds
                 with open(walls_path, "w") as f:
                     json.dump(wall, f)
@@ -308,6 +310,7 @@ def main():
         sys.exit(130)
 
     # ---- the report -------------------------------------------------------------------------------
+    t_report = time.time()
     from minirlhf.checkpoint import load_checkpoint
     evals = json.load(open(p("eval.json")))
     report = {}
@@ -325,7 +328,10 @@ def main():
                "train_seconds")
     report["rm"] = {k: rm_extra.get(k) for k in rm_keys}
     report["rm"]["wall_seconds"] = wall["rm"]
-    report["total_wall_seconds"] = time.time() - t_total
+    # the pipeline's time: each stage's wall, kept over --resume (a stage cut and resumed counts from its
+    # resumption), plus this run's evaluation and report; and the time of this invocation alone
+    report["total_wall_seconds"] = sum(wall.values()) + eval_seconds + (time.time() - t_report)
+    report["invocation_wall_seconds"] = time.time() - t_total
     with open(p("report.json"), "w") as f:
         json.dump(report, f, indent=2)
     samples = json.load(open(p("samples.json")))
@@ -345,7 +351,9 @@ def main():
     with open(p("report.md"), "w") as f:
         f.write("\n".join(lines))
     print("\n" + table)
-    print(f"\nwrote {p('report.json')} and {p('report.md')}; total {report['total_wall_seconds']:.0f} s")
+    this_run = f" (this invocation {report['invocation_wall_seconds']:.0f} s)" if args.resume else ""
+    print(f"\nwrote {p('report.json')} and {p('report.md')}; total {report['total_wall_seconds']:.0f} s"
+          + this_run)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,14 @@ def test_fast_pipeline_writes_full_report(tmp_path):
     assert set(report["rm"]["contrast_accuracy"]) <= set(task.CONTRAST_TESTS) and "constructed" in table
     assert set(report["rm"]["hard_candidates"]) <= {"call", "abstain", "answer"}
     assert "| grpo_verifier |" in proc.stdout  # the table is printed too
+    # --resume of a finished pipeline skips every stage, evaluates again, and counts the stages' time
+    walls = json.load(open(out / "logs" / "wall_seconds.json"))
+    assert set(walls) == set(METHODS) | {"rm"}
+    proc = run_script("pipeline.py", "--fast", "--out", out, "--resume", timeout=900)
+    assert proc.stdout.count("finished in an earlier run") == len(walls)
+    again = json.load(open(out / "report.json"))
+    assert again["total_wall_seconds"] >= sum(walls.values()) > again["invocation_wall_seconds"]
+    assert again["ppo"]["gold_reward_mean"] == report["ppo"]["gold_reward_mean"]  # the same evaluation
 
 
 def test_evaluation_is_deterministic_under_a_seed():
