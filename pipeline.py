@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass
 
 from minirlhf.cli import UsageError, parse_args, report_user_errors, require
+from minirlhf.evaluate import HARD_REPLIES
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -219,6 +220,18 @@ def markdown_table(report):
         cells = [format(report[m][k], ".2f") if isinstance(report[m].get(k), (int, float)) else "-"
                  for k, _ in TOOL_COLUMNS]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    replies = {m: report[m].get("hard_replies") or {} for m in METHODS}
+    seen = [k for k in HARD_REPLIES if any(k in r for r in replies.values())]
+    if seen:  # where the reward model's blind spots meet the policy's own samples
+        lines += ["", "the reward model on the replies to hard questions: each kind's share of them and, in "
+                  "brackets, its mean reward-model score (what the RL stages climb); miscopied: another "
+                  "number than the call's result; wrong call: a closed call and no right answer after it; "
+                  "broken call: unclosed or answered error; guess: no call", "",
+                  "| method | " + " | ".join(seen) + " |", "|---" * (len(seen) + 1) + "|"]
+        for m in METHODS:
+            r = replies[m]
+            cells = [f"{r[k]['rate']:.2f} ({r[k]['rm_score']:+.2f})" if k in r else "-" for k in seen]
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
     rm = report["rm"]
     lines.append(f"\nreward model: held-out accuracy vs gold order {rm['accuracy_vs_gold']:.3f}, "
                  f"vs the noisy labels {rm['accuracy_vs_labels']:.3f}")

@@ -8,6 +8,7 @@
 - `correct_rate_by_kind` on hand-graded answers; `evaluate(..., greedy=True)` adds the greedy rates.
 - best-of-n reports its analytic KL as an upper bound (`kl_to_sft_bound`).
 - the pipeline's report explains why its k1 "KL to SFT" can read below 0, and shows k3 beside it.
+- the report tables the reward model's mean score of each kind of reply to the hard questions.
 
 Run: python -m pytest -q tests/test_evaluate.py
 """
@@ -95,6 +96,18 @@ def test_the_report_shows_k3_beside_a_negative_k1():
     report["rm"] = {"accuracy_vs_gold": 0.8, "accuracy_vs_labels": 0.7}
     note = next(line for line in markdown_table(report).splitlines() if line.startswith("KL to SFT is k1"))
     assert "below 0" in note and note.endswith(", ".join(f"{m} 0.02" for m in METHODS))
+
+
+def test_the_report_tables_the_reward_models_score_of_each_kind_of_hard_reply():
+    from pipeline import METHODS, markdown_table
+    report = {m: {} for m in METHODS}
+    report["ppo"]["hard_replies"] = {"right": {"rate": 0.5, "rm_score": 2.68},
+                                     "broken call": {"rate": 0.5, "rm_score": -1.371}}
+    report["rm"] = {"accuracy_vs_gold": 0.8, "accuracy_vs_labels": 0.7}
+    lines = markdown_table(report).splitlines()
+    assert "| method | right | broken call |" in lines                # the kinds seen, in HARD_REPLIES order
+    assert "| ppo | 0.50 (+2.68) | 0.50 (-1.37) |" in lines and "| sft | - | - |" in lines
+    assert "the reward model on the replies" not in markdown_table({**report, "ppo": {}})  # none: no table
 
 
 def test_correct_rate_by_kind_on_hand_graded_answers():

@@ -16,7 +16,8 @@ Checked:
 - the wiring: `data.tool_mask` finds generate's own response mask again from the ids alone; masks
   built from text (join_prompt_response, packed_sft_batch, DPO's batches) are 0 on the calculator's result and
   only there, both tokenizers; `sample_responses` and `evaluate` return and grade the text with the
-  tool's output in it; the tool and probe rates of `gold_metrics` on hand-made replies; chat's brackets.
+  tool's output in it; the tool and probe rates of `gold_metrics` on hand-made replies; the kinds of
+  hard reply (`hard_reply`) and the reward model's mean score of each, by hand; chat's brackets.
 GAE and the per-token rewards with holed masks are in test_ppo_loss.py.
 
 Run: python -m pytest -q tests/test_tool.py   (a few seconds on a CPU)
@@ -34,8 +35,9 @@ from minirlhf import task
 from minirlhf.data import join_prompt_response, left_pad, packed_sft_batch, tool_mask
 from minirlhf.evaluate import evaluate, gold_metrics
 from minirlhf.fast_decode import StaticDecoder, generate_static
-from minirlhf.model import GPT, GPTConfig, generate
+from minirlhf.model import GPT, GPTConfig, ScalarHead, generate
 from minirlhf.ops import token_logprobs
+from minirlhf.reward import RewardModel
 from minirlhf.sampling import sample_responses
 from minirlhf.task import CALC_MAX_DIGITS, CALC_MAX_LEN, CALL_RE, calculator, calculator_tool
 from minirlhf.tokenizer import encode_prompt, encode_response, get_encoding
@@ -432,10 +434,14 @@ def test_sample_responses_and_evaluate_read_the_tools_output():
     assert text == "<calc>4821*937</calc> 4517277 Sure! 4517277" and ids[-1] == enc.eot_token
     assert enc.decode(ids[:-1]) == " " + text                        # the tool's tokens are in the ids
     model.n = 0
-    metrics, samples = evaluate(model, enc, [prompt], 60, greedy=False, tool=calculator_tool(enc))
+    rm = RewardModel(ScalarHead(tiny(7, vocab_size=enc.n_vocab, block_size=128)).eval(), 1.0, 0.0, 1.0, "rm",
+                     "bytes")
+    metrics, samples = evaluate(model, enc, [prompt], 60, rms=[rm], greedy=False, tool=calculator_tool(enc))
     assert samples[0][1] == text and samples[0][2] == task.judge(prompt, text)
     assert metrics["tool_call_rate"] == metrics["hard_correct_rate"] == 1.0
     assert metrics["malformed_call_rate"] == 0.0
+    # the reward model's score of the reply (tool output included), filed under its kind
+    assert metrics["hard_replies"] == {"right": {"rate": 1.0, "rm_score": metrics["rm_reward_mean"]}}
 
 
 def test_gold_metrics_tool_and_probe_rates():
@@ -469,6 +475,32 @@ def test_miscopied_is_a_slip_after_the_tools_answer_only():
     assert not miscopied(hard, "<calc>4821*937</calc> 4517277 I don't know.")       # no answer written
     assert not miscopied(hard, "<calc>4821/937</calc> error 5")                     # nothing to copy
     assert not miscopied(hard, "Sure! 4517227") and not miscopied(hard, "<calc>4821*937</calc>")
+
+
+def test_hard_reply_kinds_and_the_reward_models_mean_of_each():
+    from minirlhf.evaluate import HARD_REPLIES, hard_replies, hard_reply
+    hard, add = "What is 4821 * 937?", "What is 7 + 5?"
+    kinds = {"<calc>4821*937</calc> 4517277 Sure! 4517277": "right",
+             "Sure! 4517277": "right",                                  # right without a call
+             "I don't know.": "abstain",
+             "<calc>4821*937</calc> 4517277 I'm not sure.": "abstain",   # called, then would not answer
+             "<calc>4821*937</calc> 4517277 Sure! 4517227": "miscopied",
+             "<calc>4821*973</calc> 4690833 4690833": "wrong call",      # another product, copied faithfully
+             "<calc>4821*937</calc> 4517277 hmm": "wrong call",          # no number after the call
+             "<calc>4821*937</ca Sure! 4517": "broken call",             # never closed
+             "<calc>4821/937</calc> error 5": "broken call",             # refused
+             "Sure! 4517227": "guess"}
+    for text, kind in kinds.items():
+        assert hard_reply(hard, text) == kind, text
+    assert set(kinds.values()) == set(HARD_REPLIES)
+    # shares and mean scores over the hard prompts only, in HARD_REPLIES order, by hand
+    prompts = [hard] * 4 + [add]
+    texts = ["Sure! 1", "Sure! 4517277", "I don't know.", "<calc>4821*937</calc> 4517277 4517277", "12"]
+    got = hard_replies(prompts, texts, [-1.0, 2.0, 0.5, 3.0, 9.0])
+    assert got == {"right": {"rate": 0.5, "rm_score": 2.5}, "abstain": {"rate": 0.25, "rm_score": 0.5},
+                   "guess": {"rate": 0.25, "rm_score": -1.0}}
+    assert list(got) == ["right", "abstain", "guess"]
+    assert hard_replies([add], ["12"], [1.0]) == {}
 
 
 def test_chat_brackets_the_tools_result():
