@@ -1,6 +1,6 @@
 """The whole RLHF pipeline on the built-in task, in one command, measured against the simulated human.
 
-    python pipeline.py                 # 41 to 66 minutes on a 2-core CPU, by machine (see the README)
+    python pipeline.py                 # 72 minutes on the README's 2-core AMD machine
     python pipeline.py --fast          # a few-step version of every stage: checks the plumbing in ~1 minute
 
 Runs the rows of `STAGES` in order, each as its own process (so its wall time and peak memory are its own):

@@ -6,10 +6,10 @@ on the response tokens only, EOS included: the prompt is given, not something th
 to write, and the EOS token is how it learns to stop.
 
 Deviations from InstructGPT: no pretraining here by default (a tiny GPT learns the built-in task from
-scratch, in 11 to 34 minutes on 2 CPU cores, by machine); `--init gpt2` (or a folder with GPT-2
+scratch, in 43 minutes on the README's 2-core AMD machine); `--init gpt2` (or a folder with GPT-2
 weights) starts from GPT-2.
 
-    python train_sft.py                                      # built-in task, CPU, 11-34 minutes
+    python train_sft.py                                      # built-in task, CPU, 43 minutes (2 cores)
     python train_sft.py --init gpt2 --tokenizer gpt2 --data sft.jsonl --device cuda   # one GPU
     torchrun --standalone --nproc_per_node 8 train_sft.py --init gpt2 ...   # 8 GPUs (see minirlhf/dist.py)
 
@@ -63,7 +63,7 @@ class Args:
     grad_clip: float = arg(1.0, "clip the gradient norm to this", positive)
     batch_size: int = arg(32, "sequences per step", positive)
     # schedule and evaluation
-    max_steps: int = arg(7200, "optimisation steps", positive)
+    max_steps: int = arg(9600, "optimisation steps", positive)
     eval_interval: int = arg(400, "held-out loss (and the policy's samples) every this many steps", positive)
     eval_prompts: int = arg(300, "held-out prompts for the final evaluation (0: none)", nonnegative)
     monitor_prompts: int = arg(64, "built-in task: held-out prompts for the interval evaluations (0: none)",
@@ -77,7 +77,7 @@ class Args:
     n_head: int = arg(8, "attention heads", positive)
     n_embd: int = arg(128, "width", positive)
     block_size: int = arg(128, "context length (prompt + response)", positive)
-    n_demos: int = arg(240000, "built-in task: demonstrations the simulated annotators write", positive)
+    n_demos: int = arg(320000, "built-in task: demonstrations the simulated annotators write", positive)
 
 
 def sft_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

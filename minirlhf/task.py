@@ -3,7 +3,8 @@
 RLHF needs three things a laptop does not have: people who write demonstrations, people who compare
 responses, and a way to know whether the trained policy really got better. This module simulates all
 three, offline and deterministically from a seed, on a task that a tiny byte-level GPT (4 layers,
-8 heads, 128 wide, context 128) learns in 11 to 34 CPU minutes (7,200 SFT steps, 2 cores, by machine).
+8 heads, 128 wide, context 128) learns in 9,600 SFT steps (43 minutes on
+the README's 2-core AMD machine).
 
 Prompts. Seven kinds of short instructions, each with a few phrasings, built from a word list below:
 
@@ -331,7 +332,7 @@ def demonstration(prompt: str, rng: random.Random) -> str:
 
 # How often the annotators are asked for a demonstration of each kind (relative weights). The addition
 # table is the slowest thing the model learns: trained on add alone, it needs about three times the
-# add demonstrations a uniform mix gives it in the default 7,200 steps to put the annotators' 0.74 on
+# add demonstrations a uniform mix gives it in 7,200 steps to put the annotators' 0.74 on
 # the right sum (README, "A competent SFT model"). Count and divide take half a share each: SFT's
 # interval evaluation has count right greedily by half the run, and divide has no answer to learn,
 # only when to say "I don't know" (which the annotators seldom do).
