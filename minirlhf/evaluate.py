@@ -366,7 +366,10 @@ def main(argv=None):
         print(f"{path}: " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()
                                        if isinstance(v, (int, float))))
         for k, v in metrics.items():
-            if isinstance(v, dict):  # the per-kind rates
+            if k == "hard_replies":  # each kind of reply: its share, the reward model's mean score
+                print(f"    {k}: " + ", ".join(f"{kind} {r['rate']:.2f} (rm {r['rm_score']:+.2f})"
+                                               for kind, r in v.items()))
+            elif isinstance(v, dict):  # the per-kind rates
                 print(f"    {k}: " + " ".join(f"{kind} {rate:.2f}" for kind, rate in v.items()))
         for p, t, g in samples[:3]:
             print(f"    {p!r} -> {t!r}" + ("" if math.isnan(g) else f" (gold {g:+.2f})"))
