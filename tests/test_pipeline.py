@@ -5,6 +5,7 @@ Run: python -m pytest -q tests/test_pipeline.py
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import torch
 
 from conftest import run_script
 from minirlhf import task
-from minirlhf.evaluate import evaluate
+from minirlhf.evaluate import HARD_REPLIES, evaluate
 from minirlhf.model import GPT, GPTConfig
 from minirlhf.tokenizer import get_encoding
 
@@ -37,6 +38,9 @@ def test_fast_pipeline_writes_full_report(tmp_path):
         for field in TOOL_FIELDS:
             assert isinstance(report[method].get(field), float), (method, field)
         assert set(report[method]["correct_rate_by_kind"]) <= set(task.KINDS)
+        # the fast evaluation's 12 prompts hold a hard one: the reward model's score of each kind of reply
+        assert set(report[method]["hard_replies"]) <= set(HARD_REPLIES), method
+        assert math.isclose(sum(r["rate"] for r in report[method]["hard_replies"].values()), 1.0)
     assert set(report["sft"]["greedy_correct_rate_by_kind"]) <= set(task.KINDS)
     assert report["ppo"]["models_in_memory"] == 4 and report["best_of_n"]["models_in_memory"] == 2
     assert report["grpo"]["models_in_memory"] == 3 and report["grpo_verifier"]["models_in_memory"] == 2
@@ -46,6 +50,7 @@ def test_fast_pipeline_writes_full_report(tmp_path):
     table = (out / "report.md").read_text()
     assert all(f"| {m} |" in table for m in METHODS) and "## Sample answers" in table
     assert "correct rate by kind" in table and "the calculator and honesty" in table
+    assert "the reward model on the replies to hard questions" in table
     assert set(report["rm"]["contrast_accuracy"]) <= set(task.CONTRAST_TESTS) and "constructed" in table
     assert set(report["rm"]["hard_candidates"]) <= {"call", "abstain", "answer"}
     assert "| grpo_verifier |" in proc.stdout  # the table is printed too
