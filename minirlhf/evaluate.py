@@ -8,9 +8,9 @@ error, mean reward-model score, KL to the SFT model (two estimates, k1 and the n
 abstained and wrong answers and, with a reward model, its mean score of each kind of reply
 (`hard_replies`), on the honesty probe ("divide") those of abstained and wrong answers, and the share of
 calculator calls that were malformed. A checkpoint trained with the calculator (its `--tool`, saved in
-its arguments) is sampled with it, one trained without it without it. The same seed
-gives the same numbers. Every argument is checked against the checkpoints before any model is built; a
-mistake is one line and exit status 2.
+its arguments) is sampled with it, one trained without it without it. The same seed gives the same
+numbers. Every argument is checked against the checkpoints before any model is built; a mistake is one
+line and exit status 2.
 
     python -m minirlhf.evaluate out/ppo --prompts prompts.jsonl --reward-model out/rm --ref out/sft
 

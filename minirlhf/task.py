@@ -3,8 +3,8 @@
 RLHF needs three things a laptop does not have: people who write demonstrations, people who compare
 responses, and a way to know whether the trained policy really got better. This module simulates all
 three, offline and deterministically from a seed, on a task that a tiny byte-level GPT (4 layers,
-8 heads, 128 wide, context 128) learns in 9,600 SFT steps (43 minutes on
-the README's 2-core AMD machine).
+8 heads, 128 wide, context 128) learns in 9,600 SFT steps (43 minutes on the
+README's 2-core AMD machine).
 
 Prompts. Seven kinds of short instructions, each with a few phrasings, built from a word list below:
 
