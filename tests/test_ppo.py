@@ -5,6 +5,8 @@
 - With the policy equal to the reference, the KL part of every token reward is 0: the rewards are the
   score alone, at each response's last token.
 - The values are shifted like the log-probs: values[:, t] is the critic's output at position t - 1.
+- The rule penalties: a response without EOS loses missing_eos_penalty, one with a malformed calculator
+  call (with the tool) malformed_call_penalty, and the rollout's scores are the reward model's less these.
 - The critic copied from the reward model starts on the scale of the normalised, weighted reward.
 - A subprocess run of train_ppo.py after the session's tiny SFT -> RM chain (conftest.tiny_chain):
   the checkpoint loads, the log has every documented key, and the script's own check that the
@@ -24,7 +26,7 @@ from conftest import run_script
 from minirlhf.model import GPT, GPTConfig, ScalarHead
 from minirlhf.reward import RewardModel
 from minirlhf.tokenizer import get_encoding
-from train_ppo import critic_forward, policy_forward, ppo_policy_stats, rollout
+from train_ppo import critic_forward, policy_forward, ppo_policy_stats, rollout, rule_penalties
 
 
 
@@ -37,7 +39,8 @@ def tiny_models(seed=0):
 
 
 def args(**kw):
-    a = dict(max_new_tokens=12, temperature=1.0, missing_eos_penalty=1.0, gamma=1.0, lam=0.95, clip_eps=0.2)
+    a = dict(max_new_tokens=12, temperature=1.0, missing_eos_penalty=1.0, malformed_call_penalty=1.0,
+             gamma=1.0, lam=0.95, clip_eps=0.2)
     a.update(kw)
     return SimpleNamespace(**a)
 
@@ -66,6 +69,31 @@ def test_policy_equal_to_reference_gives_zero_kl_rewards():
     r = token_rewards(b["scores"], b["logprobs"], b["ref_logprobs"], b["mask"], 0.5)
     assert torch.equal(r.sum(1), b["scores"])  # only the score remains, once per row
     assert ((r != 0).sum(1) <= 1).all()
+
+
+def test_rule_penalties_by_hand():
+    texts = ["<calc>2*3</calc> 6 So 6.", "<calc>2*3</ca 6", "<calc>2/3</calc> error 1", "6", "<calc>2*3"]
+    has_eos = torch.tensor([True, True, True, False, False])
+    a = args(missing_eos_penalty=0.5, malformed_call_penalty=2.0)
+    assert rule_penalties(texts, has_eos, a, True).tolist() == [0.0, 2.0, 2.0, 0.5, 2.5]
+    assert rule_penalties(texts, has_eos, a, False).tolist() == [0.0, 0.0, 0.0, 0.5, 0.5]  # --no-tool
+
+
+def test_rollout_scores_lose_the_malformed_call_penalty(monkeypatch):
+    """With a tool, each response the calculator calls malformed loses exactly malformed_call_penalty:
+    the same rollout (same seed), every response made malformed, scores lower by the penalty."""
+    import minirlhf.task as task
+    policy, ref, critic, rms = tiny_models(3)
+    enc = get_encoding("bytes")
+    prompts = ["What is 12 * 34?", "Hello there"]
+
+    def run(**kw):
+        gen, no_output = torch.Generator().manual_seed(4), lambda ids: None  # a tool that never answers
+        return rollout(policy, ref, critic, rms, enc, prompts, args(**kw), 0.1, gen, tool=no_output)["scores"]
+    plain = run(malformed_call_penalty=1.5)
+    monkeypatch.setattr(task, "call_stats", lambda text: (1, 1))
+    assert torch.allclose(run(malformed_call_penalty=1.5), plain - 1.5)
+    assert torch.equal(run(malformed_call_penalty=0.0), plain)
 
 
 def test_values_are_shifted_like_logprobs():
@@ -104,7 +132,7 @@ def test_smoke_sft_rm_ppo(tiny_chain, tmp_path):
     assert "reference and reward models unchanged: ok" in out
     rows = [json.loads(line) for line in open(os.path.join(ppo, "metrics.jsonl"))]
     keys = {"rm_reward", "gold_reward", "kl", "kl_coef", "entropy", "approx_kl", "clipfrac", "pg_loss",
-            "vf_loss", "explained_var", "response_len", "eos_rate"}
+            "vf_loss", "explained_var", "response_len", "eos_rate", "malformed_call_rate"}
     assert len(rows) == 2 and keys <= set(rows[0])
     assert rows[0]["first_approx_kl"] == 0.0  # the first minibatch sees the rollout policy itself
     from minirlhf.checkpoint import load_model
