@@ -409,17 +409,19 @@ def critic_from_reward_model(rm) -> ScalarHead:
     return critic.requires_grad_(True)
 
 
-def rule_penalties(texts: list[str], has_eos: torch.Tensor, args, with_tool: bool) -> torch.Tensor:
+def broken_calls(texts: list[str], with_tool: bool) -> torch.Tensor:
+    """(B,) bool: the response holds a malformed calculator call (`task.call_stats`: "<calc>" never closed,
+    or a call the calculator answered "error"); all False without the tool."""
+    return torch.tensor([with_tool and task.call_stats(t)[1] > 0 for t in texts], dtype=torch.bool)
+
+
+def rule_penalties(has_eos: torch.Tensor, broken: torch.Tensor, args) -> torch.Tensor:
     """(B,) what each response's score loses by rules that need no reward model: `missing_eos_penalty` if it
-    never emitted EOS (`has_eos` (B,) bool), and with the tool `malformed_call_penalty` if it holds a
-    malformed call (`task.call_stats`: "<calc>" never closed, or a call the calculator answered "error").
-    The sampler knows when a call went unanswered; the reward model sees only text, and on the built-in
-    task it scores a call begun and never closed far above a guess (README, Results)."""
-    penalty = args.missing_eos_penalty * (~has_eos).float()
-    if with_tool:
-        broken = torch.tensor([task.call_stats(t)[1] > 0 for t in texts], device=has_eos.device)
-        penalty = penalty + args.malformed_call_penalty * broken.float()
-    return penalty
+    never emitted EOS (`has_eos` (B,) bool), `malformed_call_penalty` if it holds a malformed call
+    (`broken` (B,) bool, `broken_calls`). The sampler knows when a call went unanswered; the reward model
+    sees only text, and on the built-in task it scores a call begun and never closed far above a guess
+    (README, Results)."""
+    return args.missing_eos_penalty * (~has_eos).float() + args.malformed_call_penalty * broken.float()
 
 
 @torch.no_grad()
@@ -446,14 +448,15 @@ def rollout(policy, ref, critic, rms, enc, prompts, args, kl_coef, generator, to
     texts = [decode_response(enc, row[a.bool()].tolist()) for row, a in zip(seqs[:, P:], attn[:, P:])]
     scores = combined_reward(rms, seqs, attn, mask)                          # (B,) at the last response token
     has_eos = seqs.gather(1, last_index(mask)[:, None]).squeeze(1) == eos_id(enc)
-    scores = scores - rule_penalties(texts, has_eos, args, tool is not None)
+    broken = broken_calls(texts, tool is not None).to(device)
+    scores = scores - rule_penalties(has_eos, broken, args)
     rewards = token_rewards(scores, logprobs, ref_logprobs, mask, kl_coef)   # -beta kl_t (+ score at the end)
     advantages, returns = gae(rewards, values, mask, args.gamma, args.lam)   # returns taken before whitening
     # whitened with the mean and std of the whole batch's tokens, every rank's (dist.gather), not this rank's
     advantages = dist.shard(masked_whiten(dist.gather(advantages), dist.gather(mask)))[:, :mask.size(1)]
     return dict(seqs=seqs, attn=attn, mask=mask, logprobs=logprobs, ref_logprobs=ref_logprobs, values=values,
                 advantages=advantages, returns=returns, scores=scores, entropy=entropy, has_eos=has_eos,
-                texts=texts, sample_seconds=sample_seconds)
+                broken=broken, texts=texts, sample_seconds=sample_seconds)
 
 
 if __name__ == "__main__":
@@ -588,8 +591,7 @@ if __name__ == "__main__":
             gold = dist.gather_list([task.judge(p, t) for p, t in zip(batch_prompts, b["texts"])])
             metrics["gold_reward"] = sum(gold) / len(gold)
         if tool is not None:  # share of responses holding a malformed call (what malformed_call_penalty hits)
-            broken = dist.gather_list([task.call_stats(t)[1] > 0 for t in b["texts"]])
-            metrics["malformed_call_rate"] = sum(broken) / len(broken)
+            metrics["malformed_call_rate"] = dist.gather(b["broken"]).float().mean()
         log(step, **metrics)
         evaluate_now = step % args.eval_interval == 0 or step == last
         if evaluate_now:

@@ -26,7 +26,7 @@ from conftest import run_script
 from minirlhf.model import GPT, GPTConfig, ScalarHead
 from minirlhf.reward import RewardModel
 from minirlhf.tokenizer import get_encoding
-from train_ppo import critic_forward, policy_forward, ppo_policy_stats, rollout, rule_penalties
+from train_ppo import broken_calls, critic_forward, policy_forward, ppo_policy_stats, rollout, rule_penalties
 
 
 
@@ -75,8 +75,9 @@ def test_rule_penalties_by_hand():
     texts = ["<calc>2*3</calc> 6 So 6.", "<calc>2*3</ca 6", "<calc>2/3</calc> error 1", "6", "<calc>2*3"]
     has_eos = torch.tensor([True, True, True, False, False])
     a = args(missing_eos_penalty=0.5, malformed_call_penalty=2.0)
-    assert rule_penalties(texts, has_eos, a, True).tolist() == [0.0, 2.0, 2.0, 0.5, 2.5]
-    assert rule_penalties(texts, has_eos, a, False).tolist() == [0.0, 0.0, 0.0, 0.5, 0.5]  # --no-tool
+    assert rule_penalties(has_eos, broken_calls(texts, True), a).tolist() == [0.0, 2.0, 2.0, 0.5, 2.5]
+    no_tool = broken_calls(texts, False)  # --no-tool: nothing is a call
+    assert rule_penalties(has_eos, no_tool, a).tolist() == [0.0, 0.0, 0.0, 0.5, 0.5]
 
 
 def test_rollout_scores_lose_the_malformed_call_penalty(monkeypatch):
